@@ -1,0 +1,3 @@
+"""buildatfs: a deduplicating, compressing FUSE filesystem for container storage."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from buildatfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""Where pack files live: a small interface and its local-directory implementation.
+
+The rest of buildatfs sees packs only through `PackStore`: append records to
+the open pack, read a byte range, make what was appended durable, list,
+truncate and delete packs. An object-store backend (S3 and the like) fits the
+same interface by uploading a pack once it is sealed and serving reads with
+ranged GETs through a local cache.
+
+Every method blocks on I/O (``_sync``) and is safe to call from several worker
+threads at once.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import errno
+import os
+import threading
+from pathlib import Path
+from typing import Final
+
+from buildatfs.errors import ChunkMissing
+
+PACK_LIMIT: Final = 64 * 1024 * 1024
+_OPEN_FDS: Final = 64
+
+
+class PackStore(abc.ABC):
+    """Append-only pack files named by increasing numbers."""
+
+    @abc.abstractmethod
+    def append_sync(self, records: list[bytes]) -> list[tuple[int, int]]:
+        """Append *records* and return the (pack, offset) of each."""
+
+    @abc.abstractmethod
+    def read_sync(self, pack: int, offset: int, length: int) -> bytes:
+        """Return *length* bytes at *offset* of *pack*; ChunkMissing if absent."""
+
+    @abc.abstractmethod
+    def flush_sync(self) -> None:
+        """Make every record appended so far durable."""
+
+    @abc.abstractmethod
+    def list_sync(self) -> dict[int, int]:
+        """Return {pack: size in bytes} for every pack present."""
+
+    @abc.abstractmethod
+    def truncate_sync(self, pack: int, size: int) -> None:
+        """Cut *pack* back to *size* bytes (recovery of an interrupted commit)."""
+
+    @abc.abstractmethod
+    def delete_sync(self, pack: int) -> None:
+        """Remove *pack*."""
+
+
+class LocalPackStore(PackStore):
+    """Packs as files ``packs/XX/NNNNNNNN.pack`` in a local directory.
+
+    A new pack is started by the first append of each process, so a pack that
+    an interrupted daemon left half written is never appended to again.
+    """
+
+    def __init__(self, root: Path, limit: int = PACK_LIMIT) -> None:
+        self.root = root
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._current: int | None = None
+        self._current_fd = -1
+        self._current_size = 0
+        self._unsynced: set[int] = set()
+
+    def path(self, pack: int) -> Path:
+        return self.root / f"{pack & 0xFF:02x}" / f"{pack:08x}.pack"
+
+    def append_sync(self, records: list[bytes]) -> list[tuple[int, int]]:
+        with self._lock:
+            places = []
+            for record in records:
+                if self._current is None or self._current_size + len(record) > self.limit:
+                    self._rotate()
+                assert self._current is not None
+                places.append((self._current, self._current_size))
+                os.write(self._current_fd, record)
+                self._current_size += len(record)
+            return places
+
+    def _rotate(self) -> None:
+        """Seal the open pack (its fd stays cached for reads) and start the next."""
+        existing = self.list_sync()
+        number = max(existing, default=0) + 1
+        if self._current is not None:
+            number = max(number, self._current + 1)
+        path = self.path(number)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        self._current, self._current_fd, self._current_size = number, fd, 0
+        self._unsynced.add(number)
+        self._fds[number] = fd
+
+    def read_sync(self, pack: int, offset: int, length: int) -> bytes:
+        fd = self._fd(pack)
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise ChunkMissing(f"pack {pack} ends before offset {offset + length}")
+        return data
+
+    def _fd(self, pack: int) -> int:
+        with self._lock:
+            fd = self._fds.get(pack)
+            if fd is not None:
+                self._fds.move_to_end(pack)
+                return fd
+            try:
+                fd = os.open(self.path(pack), os.O_RDONLY)
+            except FileNotFoundError:
+                raise ChunkMissing(f"pack {pack} does not exist") from None
+            self._fds[pack] = fd
+            while len(self._fds) > _OPEN_FDS:
+                old, old_fd = next(iter(self._fds.items()))
+                if old == self._current:
+                    self._fds.move_to_end(old)
+                    continue
+                del self._fds[old]
+                os.close(old_fd)
+            return fd
+
+    def flush_sync(self) -> None:
+        with self._lock:
+            packs = list(self._unsynced)
+            if self._current is not None:
+                self._unsynced = {self._current}
+            else:
+                self._unsynced = set()
+        for pack in packs:
+            fd = os.open(self.path(pack), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if packs:
+            _fsync_dir(self.root)
+
+    def list_sync(self) -> dict[int, int]:
+        packs = {}
+        if not self.root.exists():
+            return packs
+        for sub in self.root.iterdir():
+            for entry in os.scandir(sub):
+                if entry.name.endswith(".pack"):
+                    packs[int(entry.name[:-5], 16)] = entry.stat().st_size
+        return packs
+
+    def truncate_sync(self, pack: int, size: int) -> None:
+        os.truncate(self.path(pack), size)
+
+    def delete_sync(self, pack: int) -> None:
+        with self._lock:
+            fd = self._fds.pop(pack, None)
+            if fd is not None:
+                os.close(fd)
+            if pack == self._current:
+                self._current = None
+        try:
+            self.path(pack).unlink()
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._current = None
+
+
+def _fsync_dir(path: Path) -> None:
+    for sub in [path, *path.iterdir()]:
+        try:
+            fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            if exc.errno == errno.ENOTDIR:
+                continue
+            raise
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,224 @@
+"""The ``buildatfs`` command line: thin verbs over the package.
+
+Exit codes (besides those of ``fsck``, which follow fsck(8)):
+
+  0  success
+  1  operation failed (cannot mount, unmount refused because busy, ...)
+  2  usage error: bad arguments, not a store, not a buildatfs mount point
+  3  the store is already mounted (in use by another process)
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from buildatfs import __version__
+from buildatfs.errors import UserError
+
+log = logging.getLogger("buildatfs")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every usage error
+        self.exit(2, f"buildatfs: {message} (see `buildatfs --help`)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="buildatfs", description="A deduplicating, compressing FUSE filesystem for container storage.")
+    p.add_argument("--version", action="version", version=f"buildatfs {__version__}")
+    p.add_argument("--debug", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("init", help="create a store")
+    s.add_argument("store", type=Path)
+
+    s = sub.add_parser("mount", help="mount a store")
+    s.add_argument("store", type=Path)
+    s.add_argument("mountpoint", type=Path)
+    s.add_argument("--foreground", "-f", action="store_true", help="stay attached")
+    s.add_argument("-o", dest="options", action="append", default=[],
+                   help="extra FUSE mount options, comma separated")
+    s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--log", type=Path, help=argparse.SUPPRESS)
+
+    s = sub.add_parser("umount", help="unmount, after everything is committed")
+    s.add_argument("mountpoint", type=Path)
+
+    s = sub.add_parser("stats", help="what dedup and compression save")
+    s.add_argument("target", type=Path, help="a store or a mount point")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("fsck", help="check and repair a store that is not mounted")
+    s.add_argument("store", type=Path)
+    s.add_argument("--verify-data", action="store_true", help="also re-hash every chunk")
+    s.add_argument("--no-repair", action="store_true", help="only report")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args)
+    try:
+        return _COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"buildatfs: {exc}", file=sys.stderr)
+        return 16 if args.command == "fsck" and exc.exit_code == 2 else exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    log_path = getattr(args, "log", None)
+    if log_path is not None:
+        logging.basicConfig(filename=log_path, level=level, format=fmt)
+    else:
+        logging.basicConfig(level=level if args.debug else logging.WARNING,
+                            format="buildatfs: %(message)s")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from buildatfs.store import Store
+
+    Store.init(args.store.absolute())
+    print(f"Created a store at {args.store.absolute()}.")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from buildatfs import daemon
+    from buildatfs.store import Store
+
+    store = args.store.absolute()
+    mountpoint = args.mountpoint.absolute()
+    _check_mountpoint(mountpoint)
+    Store.open(store, readonly=True).close()  # a clear error for a non-store
+    options = [o for group in args.options for o in group.split(",") if o]
+    if args.foreground:
+        daemon.serve(store, mountpoint, options, daemon.ReadyPipe(args.ready_fd))
+        return 0
+    return _mount_in_background(store, mountpoint, options, args.debug)
+
+
+def _check_mountpoint(mountpoint: Path) -> None:
+    try:
+        if not mountpoint.is_dir():
+            raise UserError(f"{mountpoint} is not a directory.")
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise UserError(f"{mountpoint} is a dead mount; run `buildatfs umount {mountpoint}` first.",
+                            exit_code=1) from None
+        raise
+    if _find_mount(mountpoint) is not None:
+        raise UserError(f"{mountpoint} is already a buildatfs mount point.", exit_code=3)
+
+
+def _mount_in_background(store: Path, mountpoint: Path, options: list[str], debug: bool) -> int:
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "buildatfs", *(["--debug"] if debug else []), "mount",
+           "--foreground", "--ready-fd", str(write_fd), "--log", str(store / "buildatfs.log")]
+    for option in options:
+        cmd += ["-o", option]
+    cmd += [str(store), str(mountpoint)]
+    with open(store / "buildatfs.log", "ab") as logfile:
+        child = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                                 stdout=logfile, stderr=logfile, start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        line = pipe.readline().decode().strip()
+    if not line:
+        code = child.wait()
+        raise UserError(f"the mount daemon exited with status {code}; see {store / 'buildatfs.log'}",
+                        exit_code=1)
+    code_text, _, message = line.partition(" ")
+    if code_text != "0":
+        child.wait()
+        raise UserError(message, exit_code=int(code_text))
+    try:
+        os.stat(mountpoint)  # answered by the daemon: the mount is live
+    except OSError as exc:
+        raise UserError(f"the mount at {mountpoint} does not answer ({exc.strerror}); "
+                        f"see {store / 'buildatfs.log'}", exit_code=1) from None
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = args.mountpoint.absolute()
+    store = _find_mount(mountpoint)
+    if store is None:
+        raise UserError(f"{mountpoint} is not a buildatfs mount point.")
+    dead = False
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        dead = exc.errno == errno.ENOTCONN
+    cmd = ["fusermount3", "-u", *(["-z"] if dead else []), str(mountpoint)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "fusermount3 failed"
+        raise UserError(f"cannot unmount {mountpoint}: {reason}", exit_code=1)
+    _wait_for_daemon(store)
+    return 0
+
+
+def _wait_for_daemon(store: Path) -> None:
+    """Block until the daemon holding the store's lock has exited."""
+    try:
+        fd = os.open(store / "lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def _find_mount(mountpoint: Path) -> Path | None:
+    """Return the store mounted at *mountpoint*, from /proc/self/mountinfo."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point, fstype, source = fields[4], fields[sep + 1], fields[sep + 2]
+            if fstype == "fuse.buildatfs" and _unescape(point) == str(mountpoint):
+                return Path(_unescape(source))
+    return None
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape").encode("latin-1").decode()
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from buildatfs import stats
+
+    target = args.target.absolute()
+    store = _find_mount(target) or target
+    report = stats.collect(store)
+    print(json.dumps(report, indent=2) if args.json else stats.render(report))
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from buildatfs import fsck
+
+    return fsck.main(args.store.absolute(), verify_data=args.verify_data, repair=not args.no_repair)
+
+
+_COMMANDS = {
+    "init": cmd_init,
+    "mount": cmd_mount,
+    "umount": cmd_umount,
+    "stats": cmd_stats,
+    "fsck": cmd_fsck,
+}
+

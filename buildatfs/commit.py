@@ -1,0 +1,179 @@
+"""The write path's second half: staged bytes to chunks, packs and extents.
+
+Committing a file re-chunks only the regions its writes touched, widened to
+the committed extents they overlap (content-defined boundaries fall back in
+step within a chunk or two, so a small write into a large file costs in
+proportion to the write). Chunking, hashing and compression run in worker
+threads; the index changes in one LMDB write transaction at the end, after the
+chunk records are in a pack ("data before references").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Final
+
+import lmdb
+import trio
+
+from buildatfs import codec
+from buildatfs.chunker import Chunker
+from buildatfs.reader import Reader
+from buildatfs.schema import Extent
+from buildatfs.staging import DirtyFile
+from buildatfs.store import Store
+
+log = logging.getLogger(__name__)
+
+WINDOW: Final = 8 * 1024 * 1024
+_RETRIES: Final = 5
+
+
+@dataclasses.dataclass(slots=True)
+class Stored:
+    """A chunk record this commit appended to a pack."""
+
+    place: tuple[int, int]
+    record_len: int
+    raw_len: int
+
+
+@dataclasses.dataclass(slots=True)
+class Plan:
+    """What one commit will write into the index."""
+
+    regions: list[tuple[int, int]]
+    extents: list[tuple[int, bytes, int]] = dataclasses.field(default_factory=list)
+    stored: dict[bytes, Stored] = dataclasses.field(default_factory=dict)
+
+
+class ChunkVanished(Exception):
+    """A chunk this commit deduplicated against was deleted meanwhile."""
+
+
+class Committer:
+    def __init__(self, store: Store, reader: Reader, limiter: trio.CapacityLimiter) -> None:
+        self.store = store
+        self.reader = reader
+        self.limiter = limiter
+        self.chunker = Chunker(store.params)
+
+    async def commit(self, inode: int, dirty: DirtyFile) -> bool:
+        """Commit *dirty* into the index; the caller holds the inode's lock.
+
+        Returns False if the inode no longer exists (its data is then dead).
+        Awaits worker threads; raises ChunkError if old data cannot be read.
+        """
+        for _ in range(_RETRIES):
+            with self.store.env.begin() as txn:
+                if self.store.get_inode(txn, inode) is None:
+                    return False
+                plan = Plan(self._regions(txn, inode, dirty))
+            for start, end in plan.regions:
+                await self._chunk_region(inode, dirty, start, end, plan)
+            try:
+                with self.store.env.begin(write=True) as txn:
+                    return self._apply(txn, inode, dirty, plan)
+            except ChunkVanished:
+                log.debug("A chunk vanished during the commit of inode %d; retrying", inode)
+        raise RuntimeError(f"commit of inode {inode} kept racing with deletions")
+
+    def _regions(self, txn: lmdb.Transaction, inode: int, dirty: DirtyFile) -> list[tuple[int, int]]:
+        """Widen each dirty range to the committed extents it overlaps."""
+        regions: list[tuple[int, int]] = []
+        for start, end in dirty.ranges:
+            first = next(self.store.extents(txn, inode, start, start + 1), None)
+            if first is not None:
+                start = min(start, first[0])
+            last = next(self.store.extents(txn, inode, end - 1, end), None)
+            if last is not None:
+                end = max(end, last[0] + last[1].length)
+            end = min(end, dirty.size)
+            if regions and start <= regions[-1][1]:
+                regions[-1] = (regions[-1][0], max(end, regions[-1][1]))
+            elif start < end:
+                regions.append((start, end))
+        return regions
+
+    async def current_bytes(self, inode: int, dirty: DirtyFile | None, start: int, end: int) -> bytearray:
+        """Return the file's bytes [start, end): committed data overlaid with staged data."""
+        buf = bytearray(end - start)
+        if dirty is None or not dirty.covers(start, end):
+            with self.store.env.begin() as txn:
+                pieces = self.reader.plan(txn, inode, start, end)
+            await self.reader.fill(inode, start, buf, pieces)
+        if dirty is not None:
+            dirty.overlay(start, buf)
+        return buf
+
+    async def _chunk_region(self, inode: int, dirty: DirtyFile, start: int, end: int, plan: Plan) -> None:
+        """Cut [start, end) into chunks, store the new ones, add extents to *plan*."""
+        buf_start, carry = start, b""
+        while buf_start < end:
+            fresh_start = buf_start + len(carry)
+            fresh_end = min(fresh_start + WINDOW, end)
+            buf = carry + await self.current_bytes(inode, dirty, fresh_start, fresh_end)
+            pieces = await trio.to_thread.run_sync(self.chunker.cut_sync, bytes(buf), limiter=self.limiter)
+            if fresh_end < end and len(pieces) > 1:
+                last = pieces.pop()
+                carry = last.data
+                next_start = buf_start + last.offset
+            else:
+                carry, next_start = b"", fresh_end
+            await self._store_new(pieces, plan)
+            for piece in pieces:
+                if piece.chunk_id is not None:
+                    plan.extents.append((buf_start + piece.offset, piece.chunk_id, len(piece.data)))
+            buf_start = next_start
+
+    async def _store_new(self, pieces: list, plan: Plan) -> None:
+        with self.store.env.begin() as txn:
+            new = {}
+            for piece in pieces:
+                cid = piece.chunk_id
+                if cid is None or cid in plan.stored or cid in new:
+                    continue
+                if self.store.get_chunk(txn, cid) is None:
+                    new[cid] = piece.data
+        if not new:
+            return
+        places = await trio.to_thread.run_sync(self._encode_append_sync, new, limiter=self.limiter)
+        plan.stored.update(places)
+
+    def _encode_append_sync(self, new: dict[bytes, bytes]) -> dict[bytes, Stored]:
+        ids = list(new)
+        records = [codec.encode_sync(cid, new[cid]) for cid in ids]
+        places = self.store.packs.append_sync(records)
+        return {
+            cid: Stored(place, len(record), len(new[cid]))
+            for cid, record, place in zip(ids, records, places, strict=True)
+        }
+
+    def _apply(self, txn: lmdb.Transaction, inode: int, dirty: DirtyFile, plan: Plan) -> bool:
+        """Write *plan* into the index: references first, then the old extents go."""
+        store = self.store
+        rec = store.get_inode(txn, inode)
+        if rec is None:
+            for stored in plan.stored.values():
+                store.note_pack_end(txn, stored.place[0], stored.place[1] + stored.record_len)
+                store.add_dead(txn, stored.place[0], stored.record_len)
+            return False
+        indexed = set()
+        for _, cid, _ in plan.extents:
+            stored = plan.stored.get(cid)
+            if stored is not None and cid not in indexed:
+                store.add_chunk(txn, cid, stored.place, stored.record_len, stored.raw_len)
+                indexed.add(cid)
+            elif store.get_chunk(txn, cid) is None:
+                raise ChunkVanished(cid)
+            else:
+                store.incref(txn, cid)
+        lost = sum(store.drop_extents(txn, inode, start, end) for start, end in plan.regions)
+        for offset, cid, length in plan.extents:
+            store.put_extent(txn, inode, offset, Extent(cid, 0, length))
+        rec.allocated += sum(length for _, _, length in plan.extents) - lost
+        if dirty.size != rec.size:
+            store.set_size(txn, inode, rec, dirty.size)
+        store.put_inode(txn, inode, rec)
+        return True

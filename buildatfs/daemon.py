@@ -1,0 +1,127 @@
+"""The mount daemon: recover if needed, serve FUSE requests, commit and close.
+
+`serve` runs in the foreground process. `buildatfs mount` without
+``--foreground`` starts it as a child in its own session and waits on a pipe
+until it reports ready (or an error), so that the command returns only once
+the mount answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from buildatfs import recovery
+from buildatfs.errors import UserError
+from buildatfs.fs import Operations
+from buildatfs.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPTIONS = ("allow_other", "suid", "dev", "default_permissions")
+
+
+def fuse_options(store_path: Path, extra: list[str]) -> set[str]:
+    options = set(DEFAULT_OPTIONS)
+    options.update(extra)
+    options.add(f"fsname={store_path}")
+    options.add("subtype=buildatfs")
+    return options
+
+
+def serve(store_path: Path, mountpoint: Path, extra_options: list[str], ready: ReadyPipe) -> None:
+    """Mount *store_path* at *mountpoint* and serve until unmounted.
+
+    Raises UserError for a store that cannot be mounted; reports readiness or
+    the error on *ready*.
+    """
+    try:
+        store = Store.open(store_path)
+        store.lock()
+    except UserError as exc:
+        ready.send(exc.exit_code, str(exc))
+        raise
+    try:
+        if not store.is_clean():
+            log.warning("%s was not unmounted cleanly; recovering it before mounting.", store_path)
+            recovery.recover(store)
+        store.set_clean(False)
+        ops = Operations(store)
+        try:
+            pyfuse3.init(ops, str(mountpoint), fuse_options(store_path, extra_options))
+        except RuntimeError as exc:
+            message = f"cannot mount at {mountpoint}: {exc}"
+            ready.send(1, message)
+            raise UserError(message, exit_code=1) from None
+        try:
+            trio.run(_serve, ops, mountpoint, ready)
+        except BaseException:
+            pyfuse3.close(unmount=True)
+            raise
+        pyfuse3.close(unmount=False)
+        ops.purge_unreferenced()
+        store.set_clean(True)
+        log.info("Unmounted %s cleanly.", mountpoint)
+    finally:
+        store.close()
+
+
+async def _serve(ops: Operations, mountpoint: Path, ready: ReadyPipe) -> None:
+    async with trio.open_nursery() as nursery:  # commits and purges spawned by handlers
+        ops.nursery = nursery
+        async with trio.open_nursery() as background:
+            background.start_soon(ops.maintain)
+            background.start_soon(_unmount_on_signal, mountpoint)
+            background.start_soon(_announce_ready, ready)
+            await pyfuse3.main()
+            background.cancel_scope.cancel()
+        await ops.commit_all()
+    await ops.commit_all()
+    await trio.to_thread.run_sync(ops.store.sync_sync)
+
+
+async def _announce_ready(ready: ReadyPipe) -> None:
+    ready.send(0, "ready")
+    notify = os.environ.get("NOTIFY_SOCKET")
+    if notify:
+        address = "\0" + notify[1:] if notify.startswith("@") else notify
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"READY=1\nSTATUS=Mounted", address)
+    log.info("Mounted; serving requests.")
+
+
+async def _unmount_on_signal(mountpoint: Path) -> None:
+    """On SIGTERM or SIGINT, ask the kernel to unmount; the loop then ends."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("Got signal %d; unmounting %s.", signum, mountpoint)
+            result = await trio.run_process(
+                ["fusermount3", "-u", str(mountpoint)], check=False, capture_stderr=True
+            )
+            if result.returncode:
+                log.warning("Cannot unmount %s (%s); unmount it when it is no longer busy.",
+                            mountpoint, result.stderr.decode().strip())
+
+
+class ReadyPipe:
+    """The pipe on which a background daemon tells `buildatfs mount` how it went."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def send(self, code: int, message: str) -> None:
+        """Send one line, once; later calls do nothing."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            os.write(fd, f"{code} {message}\n".encode())
+        except OSError:
+            pass
+        os.close(fd)
