@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import stat
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
@@ -48,6 +49,8 @@ TOTAL_DIRTY_LIMIT: Final = 512 * 1024 * 1024
 CHECKPOINT_INTERVAL: Final = 5.0
 XATTR_SIZE_MAX: Final = 65536
 RENAME_WHITEOUT: Final = 4
+ACL_ACCESS: Final = b"system.posix_acl_access"
+_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -73,6 +76,25 @@ def handler(fn: F) -> F:
             raise FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def acl_mode(acl: bytes, mode: int) -> int:
+    """Return *mode* with its permission bits taken from an access ACL.
+
+    Filesystems with ACLs keep the mode in step with the access ACL (owner,
+    group-or-mask and other entries), and tools such as cp and mv set
+    permissions through the ACL alone. Raises FUSEError(EINVAL) if *acl* is
+    not a version 2 POSIX ACL xattr.
+    """
+    if len(acl) < 4 or (len(acl) - 4) % 8 or struct.unpack_from("<I", acl)[0] != 2:
+        raise FUSEError(errno.EINVAL)
+    bits = {}
+    for offset in range(4, len(acl), 8):
+        tag, perm, _ = struct.unpack_from("<HHI", acl, offset)
+        bits[tag] = perm & 7
+    group = bits.get(_ACL_MASK, bits.get(_ACL_GROUP_OBJ, 0))
+    perms = bits.get(_ACL_USER_OBJ, 0) << 6 | group << 3 | bits.get(_ACL_OTHER, 0)
+    return (mode & ~0o777) | perms
 
 
 def _check_name(name: bytes) -> None:
@@ -491,10 +513,17 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.E2BIG)
         with self.store.env.begin(write=True) as txn:
             rec = self._get(txn, inode)
+            if name == ACL_ACCESS:
+                rec.mode = acl_mode(value, rec.mode)
             txn.put(schema.inode_prefixed(inode, name), value, db=self.store.dbs["xattrs"])
             rec.ctime_ns = now_ns()
             self.store.put_inode(txn, inode, rec)
         self._changed()
+        if name == ACL_ACCESS:
+            # The kernel caches the mode and would show the old one; tell it
+            # after this reply, since a notification from inside a handler
+            # can deadlock.
+            self._spawn(trio.to_thread.run_sync, pyfuse3.invalidate_inode, inode, True)
 
     @handler
     async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
