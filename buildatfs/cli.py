@@ -27,8 +27,10 @@ log = logging.getLogger("buildatfs")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every usage error
-        self.exit(2, f"buildatfs: {message} (see `buildatfs --help`)\n")
+    def error(self, message: str) -> None:
+        """Print a usage error as one line; exit 2, or 16 for fsck as in fsck(8)."""
+        code = 16 if self.prog.endswith(" fsck") else 2
+        self.exit(code, f"buildatfs: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return 16 if args.command == "fsck" and exc.exit_code == 2 else exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `buildatfs stats | head`
+        sys.stderr.close()
+        return 0
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
