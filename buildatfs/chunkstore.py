@@ -33,6 +33,15 @@ class PackStore(abc.ABC):
     def append_sync(self, records: list[bytes]) -> list[tuple[int, int]]:
         """Append *records* and return the (pack, offset) of each."""
 
+    @property
+    @abc.abstractmethod
+    def current(self) -> int | None:
+        """The pack that appends go to now, if one is open."""
+
+    @abc.abstractmethod
+    def seal(self) -> None:
+        """Stop appending to the open pack; the next append starts a new one."""
+
     @abc.abstractmethod
     def read_sync(self, pack: int, offset: int, length: int) -> bytes:
         """Return *length* bytes at *offset* of *pack*; ChunkMissing if absent."""
@@ -70,6 +79,7 @@ class LocalPackStore(PackStore):
         self._current_fd = -1
         self._current_size = 0
         self._unsynced: set[int] = set()
+        self._highest = 0
 
     def path(self, pack: int) -> Path:
         return self.root / f"{pack & 0xFF:02x}" / f"{pack:08x}.pack"
@@ -86,12 +96,20 @@ class LocalPackStore(PackStore):
                 self._current_size += len(record)
             return places
 
+    @property
+    def current(self) -> int | None:
+        return self._current
+
+    def seal(self) -> None:
+        with self._lock:
+            self._current = None
+
     def _rotate(self) -> None:
         """Seal the open pack (its fd stays cached for reads) and start the next."""
-        existing = self.list_sync()
-        number = max(existing, default=0) + 1
-        if self._current is not None:
-            number = max(number, self._current + 1)
+        # Numbers are never reused within a process: a reader that planned
+        # with a collected pack must not find another pack under its name.
+        number = max(max(self.list_sync(), default=0), self._highest) + 1
+        self._highest = number
         path = self.path(number)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)

@@ -11,13 +11,16 @@ Exit codes (besides those of ``fsck``, which follow fsck(8)):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from buildatfs import __version__
@@ -57,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="what dedup and compression save")
     s.add_argument("target", type=Path, help="a store or a mount point")
     s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("gc", help="give back the space of deleted data now")
+    s.add_argument("target", type=Path, help="a store or a mount point")
 
     s = sub.add_parser("fsck", help="check and repair a store that is not mounted")
     s.add_argument("store", type=Path)
@@ -213,6 +219,60 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from buildatfs import gc
+
+    target = args.target.absolute()
+    store_path = _find_mount(target)
+    if store_path is not None:
+        report = _gc_mounted(store_path)
+    else:
+        report = dataclasses.asdict(_gc_offline(target))
+    print(f"Removed {report['packs_removed']} pack(s), moved {report['chunks_moved']} chunk(s) "
+          f"({report['bytes_moved']} bytes), freed {report['freed_bytes']} bytes.")
+    return 0
+
+
+def _gc_mounted(store_path: Path) -> dict:
+    """Ask the daemon for a full pass (SIGUSR1) and wait for its report."""
+    from buildatfs import gc
+
+    pid = _daemon_pid(store_path)
+    before = (gc.read_report(store_path) or {}).get("finished_ns", 0)
+    os.kill(pid, signal.SIGUSR1)
+    while True:
+        report = gc.read_report(store_path)
+        if report is not None and report["finished_ns"] > before:
+            return report
+        if not os.path.exists(f"/proc/{pid}"):
+            raise UserError("the mount daemon exited during garbage collection.", exit_code=1)
+        time.sleep(0.1)
+
+
+def _gc_offline(store_path: Path):
+    import trio
+
+    from buildatfs import gc, recovery
+    from buildatfs.store import Store
+
+    store = Store.open(store_path)
+    try:
+        store.lock()
+        if not store.is_clean():
+            recovery.recover(store)
+            store.set_clean(True)
+        return trio.run(gc.run_pass, store, None, 0.0)
+    finally:
+        store.close()
+
+
+def _daemon_pid(store_path: Path) -> int:
+    try:
+        return int((store_path / "lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        raise UserError(f"cannot tell which process serves {store_path}.", exit_code=1) from None
+
+
 def cmd_fsck(args: argparse.Namespace) -> int:
     from buildatfs import fsck
 
@@ -225,5 +285,6 @@ _COMMANDS = {
     "umount": cmd_umount,
     "stats": cmd_stats,
     "fsck": cmd_fsck,
+    "gc": cmd_gc,
 }
 

@@ -58,6 +58,8 @@ class Committer:
         self.reader = reader
         self.limiter = limiter
         self.chunker = Chunker(store.params)
+        self._next_ticket = 0
+        self._running: set[int] = set()
 
     async def commit(self, inode: int, dirty: DirtyFile) -> bool:
         """Commit *dirty* into the index; the caller holds the inode's lock.
@@ -65,6 +67,21 @@ class Committer:
         Returns False if the inode no longer exists (its data is then dead).
         Awaits worker threads; raises ChunkError if old data cannot be read.
         """
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._running.add(ticket)
+        try:
+            return await self._commit(inode, dirty)
+        finally:
+            self._running.discard(ticket)
+
+    async def settle(self) -> None:
+        """Wait until every commit that started before this call has finished."""
+        horizon = self._next_ticket
+        while self._running and min(self._running) < horizon:
+            await trio.sleep(0.05)
+
+    async def _commit(self, inode: int, dirty: DirtyFile) -> bool:
         for _ in range(_RETRIES):
             with self.store.env.begin() as txn:
                 if self.store.get_inode(txn, inode) is None:

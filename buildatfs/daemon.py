@@ -17,7 +17,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from buildatfs import recovery
+from buildatfs import gc, recovery
 from buildatfs.errors import UserError
 from buildatfs.fs import Operations
 from buildatfs.store import Store
@@ -79,6 +79,7 @@ async def _serve(ops: Operations, mountpoint: Path, ready: ReadyPipe) -> None:
             background.start_soon(ops.maintain)
             background.start_soon(_unmount_on_signal, mountpoint)
             background.start_soon(_announce_ready, ready)
+            background.start_soon(_collect_on_signal, ops)
             await pyfuse3.main()
             background.cancel_scope.cancel()
         await ops.commit_all()
@@ -94,6 +95,14 @@ async def _announce_ready(ready: ReadyPipe) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"READY=1\nSTATUS=Mounted", address)
     log.info("Mounted; serving requests.")
+
+
+async def _collect_on_signal(ops: Operations) -> None:
+    """On SIGUSR1 (sent by `buildatfs gc`), run a full pass at full speed."""
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            report = await ops.collect_garbage(None, 0.0)
+            gc.write_report(ops.store, report)
 
 
 async def _unmount_on_signal(mountpoint: Path) -> None:

@@ -30,7 +30,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError, InodeT, FileHandleT
 
-from buildatfs import schema
+from buildatfs import gc, schema
 from buildatfs.commit import Committer
 from buildatfs.errors import ChunkError
 from buildatfs.reader import Reader
@@ -47,6 +47,7 @@ IDLE_COMMIT: Final = 3.0  # seconds without writes before a file is committed
 FILE_DIRTY_LIMIT: Final = 64 * 1024 * 1024
 TOTAL_DIRTY_LIMIT: Final = 512 * 1024 * 1024
 CHECKPOINT_INTERVAL: Final = 5.0
+GC_INTERVAL: Final = 10.0
 XATTR_SIZE_MAX: Final = 65536
 RENAME_WHITEOUT: Final = 4
 ACL_ACCESS: Final = b"system.posix_acl_access"
@@ -124,6 +125,7 @@ class Operations(pyfuse3.Operations):
         self.dirty_bytes_hint = 0
         self.nursery: trio.Nursery | None = None
         self.changed_since_sync = False
+        self.gc_lock = trio.Lock()
         self._next_fh = 1
 
     # ---- helpers ------------------------------------------------------------
@@ -661,11 +663,15 @@ class Operations(pyfuse3.Operations):
     # ---- background work ----------------------------------------------------
 
     async def maintain(self) -> None:
-        """Commit idle files, bound staging, checkpoint the index. Runs until cancelled."""
-        last_sync = time.monotonic()
+        """Commit idle files, bound staging, checkpoint the index, collect
+        garbage in the background. Runs until cancelled."""
+        last_sync = last_gc = time.monotonic()
         while True:
             await trio.sleep(1)
             now = time.monotonic()
+            if now - last_gc > GC_INTERVAL and not self.gc_lock.locked():
+                last_gc = now
+                self._spawn(self.collect_garbage, gc.RATE, gc.DEAD_SHARE)
             total = 0
             for inode, dirty in list(self.dirty.items()):
                 total += dirty.ranges.total
@@ -677,6 +683,15 @@ class Operations(pyfuse3.Operations):
             if self.changed_since_sync and now - last_sync > CHECKPOINT_INTERVAL:
                 last_sync = now
                 await self._sync()
+
+    async def collect_garbage(self, rate: float | None, share: float) -> gc.Report:
+        """Run one garbage collection pass (one at a time)."""
+        async with self.gc_lock:
+            try:
+                return await gc.run_pass(self.store, rate, share, settle=self.committer.settle)
+            except Exception:
+                log.exception("Garbage collection failed; it is retried later")
+                return gc.Report()
 
     async def commit_all(self) -> None:
         """Commit every staged file (used at unmount)."""

@@ -19,7 +19,7 @@ import trio
 
 from buildatfs import codec
 from buildatfs.chunkstore import PackStore
-from buildatfs.errors import ChunkMissing
+from buildatfs.errors import ChunkError, ChunkMissing
 from buildatfs.schema import Chunk
 from buildatfs.store import Store
 
@@ -94,11 +94,17 @@ class Reader:
         if data is not None:
             return data
         try:
-            if chunk is None:
-                raise ChunkMissing("the chunk index has no entry for it")
-            data = await trio.to_thread.run_sync(
-                _load_sync, self.store.packs, chunk_id, chunk, limiter=self.limiter
-            )
+            try:
+                data = await self._load(chunk_id, chunk)
+            except ChunkError:
+                # Garbage collection may have moved the record since the read
+                # was planned: look again, once.
+                with self.store.env.begin() as txn:
+                    moved = self.store.get_chunk(txn, chunk_id)
+                if moved is None or (chunk is not None and
+                                     (moved.pack, moved.offset) == (chunk.pack, chunk.offset)):
+                    raise
+                data = await self._load(chunk_id, moved)
         except Exception as exc:
             if chunk_id not in self._reported:
                 self._reported.add(chunk_id)
@@ -110,6 +116,14 @@ class Reader:
             raise
         self.cache.put(chunk_id, data)
         return data
+
+
+    async def _load(self, chunk_id: bytes, chunk: Chunk | None) -> bytes:
+        if chunk is None:
+            raise ChunkMissing("the chunk index has no entry for it")
+        return await trio.to_thread.run_sync(
+            _load_sync, self.store.packs, chunk_id, chunk, limiter=self.limiter
+        )
 
 
 def _load_sync(packs: PackStore, chunk_id: bytes, chunk: Chunk) -> bytes:
