@@ -92,9 +92,20 @@ class LocalPackStore(PackStore):
                     self._rotate()
                 assert self._current is not None
                 places.append((self._current, self._current_size))
-                os.write(self._current_fd, record)
-                self._current_size += len(record)
+                self._write_all(record)
             return places
+
+    def _write_all(self, record: bytes) -> None:
+        """Append one whole record, or leave the pack as it was and raise."""
+        view = memoryview(record)
+        try:
+            while view:
+                view = view[os.write(self._current_fd, view) :]
+        except OSError:
+            # A partial record (disk full, say) must not shift later offsets.
+            os.ftruncate(self._current_fd, self._current_size)
+            raise
+        self._current_size += len(record)
 
     @property
     def current(self) -> int | None:

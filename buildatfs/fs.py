@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
+import lmdb
 import pyfuse3
 import trio
 from pyfuse3 import FUSEError, InodeT, FileHandleT
@@ -48,6 +49,7 @@ FILE_DIRTY_LIMIT: Final = 64 * 1024 * 1024
 TOTAL_DIRTY_LIMIT: Final = 512 * 1024 * 1024
 CHECKPOINT_INTERVAL: Final = 5.0
 GC_INTERVAL: Final = 10.0
+SPACE_RESERVE: Final = 64 * 1024 * 1024
 XATTR_SIZE_MAX: Final = 65536
 RENAME_WHITEOUT: Final = 4
 ACL_ACCESS: Final = b"system.posix_acl_access"
@@ -68,15 +70,29 @@ def handler(fn: F) -> F:
         except ChunkError:
             raise FUSEError(errno.EIO) from None
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise FUSEError(errno.ENOSPC) from None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise FUSEError(exc.errno) from None
             log.exception("%s failed; answering EIO", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+        except lmdb.Error as exc:
+            # py-lmdb keeps only the message, and a failed page write on a
+            # full disk can surface as EIO: ask the disk.
+            if "No space left" in str(exc) or self.space_low():
+                raise FUSEError(errno.ENOSPC) from None
+            log.exception("%s failed in the index; answering EIO", fn.__name__)
             raise FUSEError(errno.EIO) from None
         except Exception:
             log.exception("%s failed; answering EIO", fn.__name__)
             raise FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+async def _guarded(fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    try:
+        await fn(*args)
+    except Exception:
+        log.exception("Background task %s failed; the mount keeps serving", fn.__name__)
 
 
 def acl_mode(acl: bytes, mode: int) -> int:
@@ -126,6 +142,7 @@ class Operations(pyfuse3.Operations):
         self.nursery: trio.Nursery | None = None
         self.changed_since_sync = False
         self.gc_lock = trio.Lock()
+        self.low_on_space = False
         self._next_fh = 1
 
     # ---- helpers ------------------------------------------------------------
@@ -180,8 +197,26 @@ class Operations(pyfuse3.Operations):
         self.changed_since_sync = True
 
     def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run *fn* in the background; its failure is logged, never fatal."""
         assert self.nursery is not None
-        self.nursery.start_soon(fn, *args)
+        self.nursery.start_soon(_guarded, fn, *args)
+
+    def space_low(self) -> bool:
+        """True if the store's disk is down to its reserve.
+
+        Staged bytes still need their room in a pack, so they count as used.
+        Writes get ENOSPC below the reserve, so that commits, deletions and
+        the index always find room to finish.
+        """
+        st = os.statvfs(self.store.path)
+        free = st.f_bavail * st.f_frsize
+        reserve = min(SPACE_RESERVE, st.f_blocks * st.f_frsize // 10)
+        if free > reserve + TOTAL_DIRTY_LIMIT:
+            self.low_on_space = False
+        else:
+            staged = sum(dirty.ranges.total for dirty in self.dirty.values())
+            self.low_on_space = free < reserve + staged
+        return self.low_on_space
 
     # ---- lookup and attributes ----------------------------------------------
 
@@ -591,6 +626,8 @@ class Operations(pyfuse3.Operations):
     @handler
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         inode = self.handles[fh]
+        if self.space_low():
+            raise FUSEError(errno.ENOSPC)
         async with self._lock(inode):
             dirty = self.dirty.get(inode)
             if dirty is None:
@@ -669,8 +706,10 @@ class Operations(pyfuse3.Operations):
         while True:
             await trio.sleep(1)
             now = time.monotonic()
-            if now - last_gc > GC_INTERVAL and not self.gc_lock.locked():
+            gc_due = now - last_gc > (1.0 if self.low_on_space else GC_INTERVAL)
+            if gc_due and not self.gc_lock.locked():
                 last_gc = now
+                self._retry_purges()
                 self._spawn(self.collect_garbage, gc.RATE, gc.DEAD_SHARE)
             total = 0
             for inode, dirty in list(self.dirty.items()):
@@ -683,6 +722,15 @@ class Operations(pyfuse3.Operations):
             if self.changed_since_sync and now - last_sync > CHECKPOINT_INTERVAL:
                 last_sync = now
                 await self._sync()
+
+    def _retry_purges(self) -> None:
+        """Purge orphans whose purge failed earlier (a full disk, say)."""
+        with self.store.env.begin() as txn:
+            orphans = [schema.read_u64(k) for k in
+                       txn.cursor(db=self.store.dbs["orphans"]).iternext(values=False)]
+        for inode in orphans:
+            if not self.lookups.get(inode) and not self.open_count.get(inode):
+                self._spawn(self._purge, inode)
 
     async def collect_garbage(self, rate: float | None, share: float) -> gc.Report:
         """Run one garbage collection pass (one at a time)."""
