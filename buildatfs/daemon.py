@@ -28,7 +28,11 @@ DEFAULT_OPTIONS = ("allow_other", "suid", "dev", "default_permissions")
 
 
 def fuse_options(store_path: Path, extra: list[str]) -> set[str]:
+    """The FUSE mount options: the defaults, where *extra* may turn one off
+    (``nosuid`` removes ``suid``, ``nodev`` removes ``dev``), plus *extra*."""
     options = set(DEFAULT_OPTIONS)
+    for option in extra:
+        options.discard(option.removeprefix("no"))
     options.update(extra)
     options.add(f"fsname={store_path}")
     options.add("subtype=buildatfs")

@@ -28,8 +28,9 @@ fi
 
 # fuse3: fusermount3 and the kernel interface; libfuse3-dev, pkg-config and gcc: building
 # pyfuse3 when no binary wheel fits; attr and acl: getfattr/setfattr and getfacl/setfacl
-# for tests; debootstrap and tar: building base images for the Docker tests.
-debian_packages=(fuse3 libfuse3-dev pkg-config gcc attr acl debootstrap tar)
+# for tests; debootstrap and tar: building base images for the Docker tests; docker.io:
+# the real dockerd of the end-to-end test; systemd: systemd-analyze for the unit tests.
+debian_packages=(fuse3 libfuse3-dev pkg-config gcc attr acl debootstrap tar docker.io systemd)
 missing=()
 for package in "${debian_packages[@]}"; do
     status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
@@ -97,4 +98,12 @@ fi
 if ! command -v buildatfs >/dev/null; then
     echo "setup.sh: buildatfs was installed but its command is not on PATH ($PATH)." >&2
     exit 1
+fi
+
+# mount(8) runs /sbin/mount.fuse.buildatfs for `mount -t fuse.buildatfs` and fstab lines,
+# and the systemd units in systemd/ start /usr/local/bin/buildatfs.
+scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+ln -sfn "$scripts/mount.fuse.buildatfs" /sbin/mount.fuse.buildatfs
+if [[ ! -e /usr/local/bin/buildatfs ]]; then
+    ln -s "$scripts/buildatfs" /usr/local/bin/buildatfs
 fi
