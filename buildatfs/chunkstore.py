@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Final
 
+from buildatfs import faults
 from buildatfs.errors import ChunkMissing
 
 PACK_LIMIT: Final = 64 * 1024 * 1024
@@ -127,6 +128,7 @@ class LocalPackStore(PackStore):
         self._current, self._current_fd, self._current_size = number, fd, 0
         self._unsynced.add(number)
         self._fds[number] = fd
+        faults.point("pack:rotated")
 
     def read_sync(self, pack: int, offset: int, length: int) -> bytes:
         fd = self._fd(pack)

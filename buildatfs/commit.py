@@ -17,7 +17,7 @@ from typing import Final
 import lmdb
 import trio
 
-from buildatfs import codec
+from buildatfs import codec, faults
 from buildatfs.chunker import Chunker
 from buildatfs.reader import Reader
 from buildatfs.schema import Extent
@@ -89,6 +89,7 @@ class Committer:
                 plan = Plan(self._regions(txn, inode, dirty))
             for start, end in plan.regions:
                 await self._chunk_region(inode, dirty, start, end, plan)
+            faults.point("commit:chunks-written")
             try:
                 with self.store.env.begin(write=True) as txn:
                     return self._apply(txn, inode, dirty, plan)

@@ -31,7 +31,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError, InodeT, FileHandleT
 
-from buildatfs import gc, schema
+from buildatfs import faults, gc, schema
 from buildatfs.commit import Committer
 from buildatfs.errors import ChunkError
 from buildatfs.reader import Reader
@@ -647,8 +647,10 @@ class Operations(pyfuse3.Operations):
             if dirty is None:
                 return
             await self.committer.commit(inode, dirty)
+            faults.point("commit:index-committed")
             del self.dirty[inode]
             dirty.discard()
+            faults.point("commit:staging-removed")
         self._changed()
 
     async def _commit_logged(self, inode: int) -> None:

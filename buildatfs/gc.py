@@ -30,7 +30,7 @@ from typing import Final
 
 import trio
 
-from buildatfs import codec
+from buildatfs import codec, faults
 from buildatfs.errors import ChunkCorrupt
 from buildatfs.schema import read_pair, read_u64, u64
 from buildatfs.store import Store
@@ -116,6 +116,7 @@ async def collect_pack(store: Store, pack: int, rate: float | None = RATE) -> Re
         if rate:
             await trio.sleep(max(0.0, copied / rate - (time.monotonic() - started)))
     await trio.to_thread.run_sync(store.packs.flush_sync)
+    faults.point("gc:copied")
     report = Report(packs_removed=1, chunks_moved=len(moved), bytes_moved=copied)
     with store.env.begin(write=True) as txn:
         for offset, chunk_id, length, (new_pack, new_offset) in moved:
@@ -129,6 +130,7 @@ async def collect_pack(store: Store, pack: int, rate: float | None = RATE) -> Re
         size, _ = store.pack_record(txn, pack)
         txn.delete(u64(pack), db=store.dbs["packs"])
     await trio.to_thread.run_sync(store.sync_sync)
+    faults.point("gc:index-updated")
     store.packs.delete_sync(pack)
     report.freed_bytes = size - copied
     return report
