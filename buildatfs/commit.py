@@ -60,6 +60,11 @@ class Committer:
         self.chunker = Chunker(store.params)
         self._next_ticket = 0
         self._running: set[int] = set()
+        # Chunks that a running commit is storing or has stored but not yet
+        # indexed: a concurrent commit of the same bytes waits for and
+        # shares that record instead of writing it a second time.
+        self._storing: dict[bytes, trio.Event] = {}
+        self._unindexed: dict[bytes, Stored] = {}
 
     async def commit(self, inode: int, dirty: DirtyFile) -> bool:
         """Commit *dirty* into the index; the caller holds the inode's lock.
@@ -70,10 +75,13 @@ class Committer:
         ticket = self._next_ticket
         self._next_ticket += 1
         self._running.add(ticket)
+        owned: set[bytes] = set()
         try:
-            return await self._commit(inode, dirty)
+            return await self._commit(inode, dirty, owned)
         finally:
             self._running.discard(ticket)
+            for chunk_id in owned:
+                self._unindexed.pop(chunk_id, None)
 
     async def settle(self) -> None:
         """Wait until every commit that started before this call has finished."""
@@ -81,14 +89,14 @@ class Committer:
         while self._running and min(self._running) < horizon:
             await trio.sleep(0.05)
 
-    async def _commit(self, inode: int, dirty: DirtyFile) -> bool:
+    async def _commit(self, inode: int, dirty: DirtyFile, owned: set[bytes]) -> bool:
         for _ in range(_RETRIES):
             with self.store.env.begin() as txn:
                 if self.store.get_inode(txn, inode) is None:
                     return False
                 plan = Plan(self._regions(txn, inode, dirty))
             for start, end in plan.regions:
-                await self._chunk_region(inode, dirty, start, end, plan)
+                await self._chunk_region(inode, dirty, start, end, plan, owned)
             faults.point("commit:chunks-written")
             try:
                 with self.store.env.begin(write=True) as txn:
@@ -125,7 +133,8 @@ class Committer:
             dirty.overlay(start, buf)
         return buf
 
-    async def _chunk_region(self, inode: int, dirty: DirtyFile, start: int, end: int, plan: Plan) -> None:
+    async def _chunk_region(self, inode: int, dirty: DirtyFile, start: int, end: int, plan: Plan,
+                            owned: set[bytes]) -> None:
         """Cut [start, end) into chunks, store the new ones, add extents to *plan*."""
         buf_start, carry = start, b""
         while buf_start < end:
@@ -139,25 +148,45 @@ class Committer:
                 next_start = buf_start + last.offset
             else:
                 carry, next_start = b"", fresh_end
-            await self._store_new(pieces, plan)
+            await self._store_new(pieces, plan, owned)
             for piece in pieces:
                 if piece.chunk_id is not None:
                     plan.extents.append((buf_start + piece.offset, piece.chunk_id, len(piece.data)))
             buf_start = next_start
 
-    async def _store_new(self, pieces: list, plan: Plan) -> None:
-        with self.store.env.begin() as txn:
-            new = {}
-            for piece in pieces:
-                cid = piece.chunk_id
-                if cid is None or cid in plan.stored or cid in new:
-                    continue
-                if self.store.get_chunk(txn, cid) is None:
-                    new[cid] = piece.data
+    async def _store_new(self, pieces: list, plan: Plan, owned: set[bytes]) -> None:
+        """Store the chunks of *pieces* that neither the index nor another
+        running commit has; record in *plan* where each stored chunk lies."""
+        while True:
+            new, busy = {}, []
+            with self.store.env.begin() as txn:
+                for piece in pieces:
+                    cid = piece.chunk_id
+                    if cid is None or cid in plan.stored or cid in new:
+                        continue
+                    shared = self._unindexed.get(cid)
+                    if shared is not None:
+                        plan.stored[cid] = shared
+                    elif cid in self._storing:
+                        busy.append(self._storing[cid])
+                    elif self.store.get_chunk(txn, cid) is None:
+                        new[cid] = piece.data
+            if not busy:
+                break
+            for event in busy:
+                await event.wait()
         if not new:
             return
-        places = await trio.to_thread.run_sync(self._encode_append_sync, new, limiter=self.limiter)
-        plan.stored.update(places)
+        for cid in new:
+            self._storing[cid] = trio.Event()
+        try:
+            places = await trio.to_thread.run_sync(self._encode_append_sync, new, limiter=self.limiter)
+            plan.stored.update(places)
+            self._unindexed.update(places)
+            owned.update(places)
+        finally:
+            for cid in new:
+                self._storing.pop(cid).set()
 
     def _encode_append_sync(self, new: dict[bytes, bytes]) -> dict[bytes, Stored]:
         ids = list(new)

@@ -317,7 +317,7 @@ class Store:
         """Index a chunk just appended at *place* with one reference.
 
         If another commit indexed the same chunk meanwhile, that copy wins and
-        this record is counted as dead.
+        this record, if it is another one, is counted as dead.
         """
         pack, offset = place
         self.note_pack_end(txn, pack, offset + record_len)
@@ -325,7 +325,8 @@ class Store:
         if existing is not None:
             existing.refcount += 1
             txn.put(chunk_id, existing.pack_value(), db=self.dbs["chunks"])
-            self.add_dead(txn, pack, record_len)
+            if (existing.pack, existing.offset) != place:
+                self.add_dead(txn, pack, record_len)
             return
         chunk = Chunk(pack, offset, record_len, raw_len, 1)
         txn.put(chunk_id, chunk.pack_value(), db=self.dbs["chunks"])
