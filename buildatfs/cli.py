@@ -30,10 +30,11 @@ log = logging.getLogger("buildatfs")
 
 
 class _Parser(argparse.ArgumentParser):
+    usage_exit = 2
+
     def error(self, message: str) -> None:
-        """Print a usage error as one line; exit 2, or 16 for fsck as in fsck(8)."""
-        code = 16 if self.prog.endswith(" fsck") else 2
-        self.exit(code, f"buildatfs: {message} (see `{self.prog} --help`)\n")
+        """Print a usage error as one line and exit (2; 16 for fsck, as in fsck(8))."""
+        self.exit(self.usage_exit, f"buildatfs: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,14 +58,44 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("umount", help="unmount, after everything is committed")
     s.add_argument("mountpoint", type=Path)
 
-    s = sub.add_parser("stats", help="what dedup and compression save")
+    s = sub.add_parser(
+        "stats", help="what dedup and compression save",
+        description="Sizes, dedup and compression of a store, read from its index (works "
+                    "while mounted). Also a table per top-level entry of the mount and, when "
+                    "the store holds a Docker data-root, per image; these scan every extent "
+                    "(a few seconds per million): --totals skips them.")
     s.add_argument("target", type=Path, help="a store or a mount point")
+    fmt = s.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="everything as JSON")
+    fmt.add_argument("--prometheus", action="store_true",
+                     help="Prometheus text exposition format")
+    s.add_argument("--totals", action="store_true",
+                   help="only the store-wide counters (instant; no per-entry or per-image rows)")
+
+    s = sub.add_parser(
+        "scrub", help="read back and verify every chunk",
+        description="Verify every chunk (decode and check its blake3 id) at a bounded rate, and "
+                    "name every file that uses a damaged one. Exit 0: no damage; 1: damage "
+                    "found; 2: usage error.")
+    s.add_argument("target", type=Path, help="a mount point or a store")
+    s.add_argument("--rate", type=_byte_rate, default=100 * 1024 * 1024, metavar="BYTES_PER_S",
+                   help="stored bytes read per second at most; suffixes K, M, G; 0: no limit "
+                        "(default 100M)")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser(
+        "estimate", help="predict what a store would hold for a directory",
+        description="Read every regular file below DIR (no symlinks followed, no other file "
+                    "systems entered, hard links once), chunk, hash and compress it as a store "
+                    "would, and print the predicted sizes. Writes nothing.")
+    s.add_argument("directory", type=Path)
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("gc", help="give back the space of deleted data now")
     s.add_argument("target", type=Path, help="a store or a mount point")
 
     s = sub.add_parser("fsck", help="check and repair a store that is not mounted")
+    s.usage_exit = 16
     s.add_argument("store", type=Path)
     s.add_argument("--verify-data", action="store_true", help="also re-hash every chunk")
     s.add_argument("--no-repair", action="store_true", help="only report")
@@ -72,7 +103,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "fsck":  # errors in fsck's options reach the top-level parser
+        parser.usage_exit = 16
+    args = parser.parse_args(argv)
     _setup_logging(args)
     try:
         return _COMMANDS[args.command](args)
@@ -214,8 +250,56 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     target = args.target.absolute()
     store = _find_mount(target) or target
-    report = stats.collect(store)
-    print(json.dumps(report, indent=2) if args.json else stats.render(report))
+    report = stats.collect(store, breakdown=not args.totals)
+    if args.prometheus:
+        print(stats.render_prometheus(report), end="")
+    else:
+        print(json.dumps(report, indent=2) if args.json else stats.render(report))
+    return 0
+
+
+def _byte_rate(text: str) -> int:
+    """A --rate value: bytes per second, with an optional K, M or G (binary) suffix."""
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
+    try:
+        value = int(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate such as 50M") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("the rate cannot be negative")
+    return value
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    from buildatfs import scrub
+    from buildatfs.progress import ProgressLine
+    from buildatfs.store import Store
+
+    target = args.target.absolute()
+    store = Store.open(_find_mount(target) or target, readonly=True)
+    line = ProgressLine("Scrubbing", scrub.describe)
+    try:
+        report = scrub.scrub(store, args.rate, line)
+    finally:
+        line.done()
+        store.close()
+    print(json.dumps(scrub.to_json(report), indent=2) if args.json else scrub.render(report))
+    return 1 if report.damaged else 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from buildatfs import estimate
+    from buildatfs.progress import ProgressLine
+
+    root = args.directory.absolute()
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory.")
+    line = ProgressLine("Estimating", estimate.describe)
+    try:
+        result = estimate.estimate(root, progress=line)
+    finally:
+        line.done()
+    print(json.dumps(result.to_json(), indent=2) if args.json else estimate.render(result, root))
     return 0
 
 
@@ -284,6 +368,8 @@ _COMMANDS = {
     "mount": cmd_mount,
     "umount": cmd_umount,
     "stats": cmd_stats,
+    "scrub": cmd_scrub,
+    "estimate": cmd_estimate,
     "fsck": cmd_fsck,
     "gc": cmd_gc,
 }
