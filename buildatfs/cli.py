@@ -38,7 +38,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="buildatfs", description="A deduplicating, compressing FUSE filesystem for container storage.")
+    p = _Parser(
+        prog="buildatfs",
+        description="A deduplicating, compressing FUSE filesystem for container storage.",
+    )
     p.add_argument("--version", action="version", version=f"buildatfs {__version__}")
     p.add_argument("--debug", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -50,8 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("store", type=Path)
     s.add_argument("mountpoint", type=Path)
     s.add_argument("--foreground", "-f", action="store_true", help="stay attached")
-    s.add_argument("-o", dest="options", action="append", default=[],
-                   help="extra FUSE mount options, comma separated")
+    s.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        help="extra FUSE mount options, comma separated",
+    )
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     s.add_argument("--log", type=Path, help=argparse.SUPPRESS)
 
@@ -59,35 +67,47 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", type=Path)
 
     s = sub.add_parser(
-        "stats", help="what dedup and compression save",
+        "stats",
+        help="what dedup and compression save",
         description="Sizes, dedup and compression of a store, read from its index (works "
-                    "while mounted). Also a table per top-level entry of the mount and, when "
-                    "the store holds a Docker data-root, per image; these scan every extent "
-                    "(a few seconds per million): --totals skips them.")
+        "while mounted). Also a table per top-level entry of the mount and, when "
+        "the store holds a Docker data-root, per image; these scan every extent "
+        "(a few seconds per million): --totals skips them.",
+    )
     s.add_argument("target", type=Path, help="a store or a mount point")
     fmt = s.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="everything as JSON")
-    fmt.add_argument("--prometheus", action="store_true",
-                     help="Prometheus text exposition format")
-    s.add_argument("--totals", action="store_true",
-                   help="only the store-wide counters (instant; no per-entry or per-image rows)")
+    fmt.add_argument("--prometheus", action="store_true", help="Prometheus text exposition format")
+    s.add_argument(
+        "--totals",
+        action="store_true",
+        help="only the store-wide counters (instant; no per-entry or per-image rows)",
+    )
 
     s = sub.add_parser(
-        "scrub", help="read back and verify every chunk",
+        "scrub",
+        help="read back and verify every chunk",
         description="Verify every chunk (decode and check its blake3 id) at a bounded rate, and "
-                    "name every file that uses a damaged one. Exit 0: no damage; 1: damage "
-                    "found; 2: usage error.")
+        "name every file that uses a damaged one. Exit 0: no damage; 1: damage "
+        "found; 2: usage error.",
+    )
     s.add_argument("target", type=Path, help="a mount point or a store")
-    s.add_argument("--rate", type=_byte_rate, default=100 * 1024 * 1024, metavar="BYTES_PER_S",
-                   help="stored bytes read per second at most; suffixes K, M, G; 0: no limit "
-                        "(default 100M)")
+    s.add_argument(
+        "--rate",
+        type=_byte_rate,
+        default=100 * 1024 * 1024,
+        metavar="BYTES_PER_S",
+        help="stored bytes read per second at most; suffixes K, M, G; 0: no limit (default 100M)",
+    )
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser(
-        "estimate", help="predict what a store would hold for a directory",
+        "estimate",
+        help="predict what a store would hold for a directory",
         description="Read every regular file below DIR (no symlinks followed, no other file "
-                    "systems entered, hard links once), chunk, hash and compress it as a store "
-                    "would, and print the predicted sizes. Writes nothing.")
+        "systems entered, hard links once), chunk, hash and compress it as a store "
+        "would, and print the predicted sizes. Writes nothing.",
+    )
     s.add_argument("directory", type=Path)
     s.add_argument("--json", action="store_true")
 
@@ -129,8 +149,9 @@ def _setup_logging(args: argparse.Namespace) -> None:
     if log_path is not None:
         logging.basicConfig(filename=log_path, level=level, format=fmt)
     else:
-        logging.basicConfig(level=level if args.debug else logging.WARNING,
-                            format="buildatfs: %(message)s")
+        logging.basicConfig(
+            level=level if args.debug else logging.WARNING, format="buildatfs: %(message)s"
+        )
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -162,8 +183,10 @@ def _check_mountpoint(mountpoint: Path) -> None:
             raise UserError(f"{mountpoint} is not a directory.")
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise UserError(f"{mountpoint} is a dead mount; run `buildatfs umount {mountpoint}` first.",
-                            exit_code=1) from None
+            raise UserError(
+                f"{mountpoint} is a dead mount; run `buildatfs umount {mountpoint}` first.",
+                exit_code=1,
+            ) from None
         raise
     if _find_mount(mountpoint) is not None:
         raise UserError(f"{mountpoint} is already a buildatfs mount point.", exit_code=3)
@@ -171,21 +194,39 @@ def _check_mountpoint(mountpoint: Path) -> None:
 
 def _mount_in_background(store: Path, mountpoint: Path, options: list[str], debug: bool) -> int:
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "buildatfs", *(["--debug"] if debug else []), "mount",
-           "--foreground", "--ready-fd", str(write_fd), "--log", str(store / "buildatfs.log")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "buildatfs",
+        *(["--debug"] if debug else []),
+        "mount",
+        "--foreground",
+        "--ready-fd",
+        str(write_fd),
+        "--log",
+        str(store / "buildatfs.log"),
+    ]
     for option in options:
         cmd += ["-o", option]
     cmd += [str(store), str(mountpoint)]
     with open(store / "buildatfs.log", "ab") as logfile:
-        child = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-                                 stdout=logfile, stderr=logfile, start_new_session=True)
+        child = subprocess.Popen(
+            cmd,
+            pass_fds=(write_fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=logfile,
+            start_new_session=True,
+        )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         line = pipe.readline().decode().strip()
     if not line:
         code = child.wait()
-        raise UserError(f"the mount daemon exited with status {code}; see {store / 'buildatfs.log'}",
-                        exit_code=1)
+        raise UserError(
+            f"the mount daemon exited with status {code}; see {store / 'buildatfs.log'}",
+            exit_code=1,
+        )
     code_text, _, message = line.partition(" ")
     if code_text != "0":
         child.wait()
@@ -193,8 +234,11 @@ def _mount_in_background(store: Path, mountpoint: Path, options: list[str], debu
     try:
         os.stat(mountpoint)  # answered by the daemon: the mount is live
     except OSError as exc:
-        raise UserError(f"the mount at {mountpoint} does not answer ({exc.strerror}); "
-                        f"see {store / 'buildatfs.log'}", exit_code=1) from None
+        raise UserError(
+            f"the mount at {mountpoint} does not answer ({exc.strerror}); "
+            f"see {store / 'buildatfs.log'}",
+            exit_code=1,
+        ) from None
     return 0
 
 
@@ -211,7 +255,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
     cmd = ["fusermount3", "-u", *(["-z"] if dead else []), str(mountpoint)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "fusermount3 failed"
+        reason = (
+            result.stderr.strip().splitlines()[-1]
+            if result.stderr.strip()
+            else "fusermount3 failed"
+        )
         raise UserError(f"cannot unmount {mountpoint}: {reason}", exit_code=1)
     _wait_for_daemon(store)
     return 0
@@ -304,7 +352,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from buildatfs import gc
 
     target = args.target.absolute()
     store_path = _find_mount(target)
@@ -312,8 +359,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         report = _gc_mounted(store_path)
     else:
         report = dataclasses.asdict(_gc_offline(target))
-    print(f"Removed {report['packs_removed']} pack(s), moved {report['chunks_moved']} chunk(s) "
-          f"({report['bytes_moved']} bytes), freed {report['freed_bytes']} bytes.")
+    print(
+        f"Removed {report['packs_removed']} pack(s), moved {report['chunks_moved']} chunk(s) "
+        f"({report['bytes_moved']} bytes), freed {report['freed_bytes']} bytes."
+    )
     return 0
 
 
@@ -373,4 +422,3 @@ _COMMANDS = {
     "fsck": cmd_fsck,
     "gc": cmd_gc,
 }
-

@@ -105,7 +105,9 @@ class Committer:
                 log.debug("A chunk vanished during the commit of inode %d; retrying", inode)
         raise RuntimeError(f"commit of inode {inode} kept racing with deletions")
 
-    def _regions(self, txn: lmdb.Transaction, inode: int, dirty: DirtyFile) -> list[tuple[int, int]]:
+    def _regions(
+        self, txn: lmdb.Transaction, inode: int, dirty: DirtyFile
+    ) -> list[tuple[int, int]]:
         """Widen each dirty range to the committed extents it overlaps."""
         regions: list[tuple[int, int]] = []
         for start, end in dirty.ranges:
@@ -122,7 +124,9 @@ class Committer:
                 regions.append((start, end))
         return regions
 
-    async def current_bytes(self, inode: int, dirty: DirtyFile | None, start: int, end: int) -> bytearray:
+    async def current_bytes(
+        self, inode: int, dirty: DirtyFile | None, start: int, end: int
+    ) -> bytearray:
         """Return the file's bytes [start, end): committed data overlaid with staged data."""
         buf = bytearray(end - start)
         if dirty is None or not dirty.covers(start, end):
@@ -133,15 +137,18 @@ class Committer:
             dirty.overlay(start, buf)
         return buf
 
-    async def _chunk_region(self, inode: int, dirty: DirtyFile, start: int, end: int, plan: Plan,
-                            owned: set[bytes]) -> None:
+    async def _chunk_region(
+        self, inode: int, dirty: DirtyFile, start: int, end: int, plan: Plan, owned: set[bytes]
+    ) -> None:
         """Cut [start, end) into chunks, store the new ones, add extents to *plan*."""
         buf_start, carry = start, b""
         while buf_start < end:
             fresh_start = buf_start + len(carry)
             fresh_end = min(fresh_start + WINDOW, end)
             buf = carry + await self.current_bytes(inode, dirty, fresh_start, fresh_end)
-            pieces = await trio.to_thread.run_sync(self.chunker.cut_sync, bytes(buf), limiter=self.limiter)
+            pieces = await trio.to_thread.run_sync(
+                self.chunker.cut_sync, bytes(buf), limiter=self.limiter
+            )
             if fresh_end < end and len(pieces) > 1:
                 last = pieces.pop()
                 carry = last.data
@@ -180,7 +187,9 @@ class Committer:
         for cid in new:
             self._storing[cid] = trio.Event()
         try:
-            places = await trio.to_thread.run_sync(self._encode_append_sync, new, limiter=self.limiter)
+            places = await trio.to_thread.run_sync(
+                self._encode_append_sync, new, limiter=self.limiter
+            )
             plan.stored.update(places)
             self._unindexed.update(places)
             owned.update(places)

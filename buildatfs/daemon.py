@@ -118,8 +118,11 @@ async def _unmount_on_signal(mountpoint: Path) -> None:
                 ["fusermount3", "-u", str(mountpoint)], check=False, capture_stderr=True
             )
             if result.returncode:
-                log.warning("Cannot unmount %s (%s); unmount it when it is no longer busy.",
-                            mountpoint, result.stderr.decode().strip())
+                log.warning(
+                    "Cannot unmount %s (%s); unmount it when it is no longer busy.",
+                    mountpoint,
+                    result.stderr.decode().strip(),
+                )
 
 
 class ReadyPipe:

@@ -29,7 +29,7 @@ from typing import Any, Final, TypeVar
 import lmdb
 import pyfuse3
 import trio
-from pyfuse3 import FUSEError, InodeT, FileHandleT
+from pyfuse3 import FileHandleT, FUSEError, InodeT
 
 from buildatfs import faults, gc, schema
 from buildatfs.commit import Committer
@@ -221,7 +221,9 @@ class Operations(pyfuse3.Operations):
     # ---- lookup and attributes ----------------------------------------------
 
     @handler
-    async def lookup(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         _check_name(name)
         with self.store.env.begin() as txn:
             child = self.store.lookup(txn, parent_inode, name)
@@ -230,13 +232,21 @@ class Operations(pyfuse3.Operations):
             return self._remember(child, self._get(txn, child))
 
     @handler
-    async def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: InodeT, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         with self.store.env.begin() as txn:
             return self._entry(inode, self._get(txn, inode))
 
     @handler
-    async def setattr(self, inode: InodeT, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: FileHandleT | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         t = now_ns()
         if fields.update_size:
             await self._truncate(inode, attr.st_size, t, explicit_mtime=fields.update_mtime)
@@ -314,8 +324,16 @@ class Operations(pyfuse3.Operations):
 
     # ---- creating and removing entries ---------------------------------------
 
-    def _new_child(self, txn, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
-                   rdev: int = 0, size: int = 0) -> tuple[int, Inode]:
+    def _new_child(
+        self,
+        txn,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        ctx: pyfuse3.RequestContext,
+        rdev: int = 0,
+        size: int = 0,
+    ) -> tuple[int, Inode]:
         """Create an inode and its entry; EEXIST, ENOTDIR and ENAMETOOLONG as ext4."""
         _check_name(name)
         parent = self._get(txn, parent_inode)
@@ -331,8 +349,17 @@ class Operations(pyfuse3.Operations):
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
         t = now_ns()
-        rec = Inode(mode=mode, uid=ctx.uid, gid=gid, nlink=2 if stat.S_ISDIR(mode) else 1,
-                    size=size, rdev=rdev, atime_ns=t, mtime_ns=t, ctime_ns=t)
+        rec = Inode(
+            mode=mode,
+            uid=ctx.uid,
+            gid=gid,
+            nlink=2 if stat.S_ISDIR(mode) else 1,
+            size=size,
+            rdev=rdev,
+            atime_ns=t,
+            mtime_ns=t,
+            ctime_ns=t,
+        )
         inode = self.store.create_inode(txn, rec)
         self.store.add_dirent(txn, parent_inode, name, inode)
         self._touch_dir(txn, parent_inode, parent, t, 1 if stat.S_ISDIR(mode) else 0)
@@ -340,40 +367,47 @@ class Operations(pyfuse3.Operations):
         return inode, rec
 
     @handler
-    async def mkdir(self, parent_inode: InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         mode = stat.S_IFDIR | (stat.S_IMODE(mode) & ~ctx.umask)
         with self.store.env.begin(write=True) as txn:
             inode, rec = self._new_child(txn, parent_inode, name, mode, ctx)
         return self._remember(inode, rec)
 
     @handler
-    async def mknod(self, parent_inode: InodeT, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: InodeT, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~ctx.umask)
         with self.store.env.begin(write=True) as txn:
             inode, rec = self._new_child(txn, parent_inode, name, mode, ctx, rdev=rdev)
         return self._remember(inode, rec)
 
     @handler
-    async def symlink(self, parent_inode: InodeT, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: InodeT, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         with self.store.env.begin(write=True) as txn:
-            inode, rec = self._new_child(txn, parent_inode, name, stat.S_IFLNK | 0o777, ctx,
-                                         size=len(target))
+            inode, rec = self._new_child(
+                txn, parent_inode, name, stat.S_IFLNK | 0o777, ctx, size=len(target)
+            )
             txn.put(u64(inode), target, db=self.store.dbs["symlinks"])
         return self._remember(inode, rec)
 
     @handler
-    async def create(self, parent_inode: InodeT, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: InodeT, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         mode = stat.S_IFREG | (stat.S_IMODE(mode) & ~ctx.umask)
         with self.store.env.begin(write=True) as txn:
             inode, rec = self._new_child(txn, parent_inode, name, mode, ctx)
         return self._open_handle(inode), self._remember(inode, rec)
 
     @handler
-    async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         _check_name(new_name)
         t = now_ns()
         with self.store.env.begin(write=True) as txn:
@@ -437,8 +471,15 @@ class Operations(pyfuse3.Operations):
         return child
 
     @handler
-    async def rename(self, parent_inode_old: InodeT, name_old: bytes, parent_inode_new: InodeT,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: bytes,
+        parent_inode_new: InodeT,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         _check_name(name_old)
         _check_name(name_new)
         if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE | RENAME_WHITEOUT):
@@ -451,8 +492,9 @@ class Operations(pyfuse3.Operations):
             if flags & pyfuse3.RENAME_EXCHANGE:
                 if target is None:
                     raise FUSEError(errno.ENOENT)
-                self._exchange(txn, parent_inode_old, name_old, child,
-                               parent_inode_new, name_new, target, t)
+                self._exchange(
+                    txn, parent_inode_old, name_old, child, parent_inode_new, name_new, target, t
+                )
                 return
             if target is not None:
                 if flags & pyfuse3.RENAME_NOREPLACE:
@@ -476,8 +518,16 @@ class Operations(pyfuse3.Operations):
         if dst_dir and self.store.has_children(txn, target):
             raise FUSEError(errno.ENOTEMPTY)
 
-    def _move(self, txn, old_parent: int, old_name: bytes, child: int,
-              new_parent: int, new_name: bytes, t: int) -> None:
+    def _move(
+        self,
+        txn,
+        old_parent: int,
+        old_name: bytes,
+        child: int,
+        new_parent: int,
+        new_name: bytes,
+        t: int,
+    ) -> None:
         self.store.remove_dirent(txn, old_parent, old_name)
         self.store.add_dirent(txn, new_parent, new_name, child)
         rec = self._get(txn, child)
@@ -487,8 +537,17 @@ class Operations(pyfuse3.Operations):
         self._touch_dir(txn, old_parent, self._get(txn, old_parent), t, -moved_dir)
         self._touch_dir(txn, new_parent, self._get(txn, new_parent), t, moved_dir)
 
-    def _exchange(self, txn, parent_a: int, name_a: bytes, inode_a: int,
-                  parent_b: int, name_b: bytes, inode_b: int, t: int) -> None:
+    def _exchange(
+        self,
+        txn,
+        parent_a: int,
+        name_a: bytes,
+        inode_a: int,
+        parent_b: int,
+        name_b: bytes,
+        inode_b: int,
+        t: int,
+    ) -> None:
         self.store.replace_dirent(txn, parent_a, name_a, inode_b)
         self.store.replace_dirent(txn, parent_b, name_b, inode_a)
         rec_a, rec_b = self._get(txn, inode_a), self._get(txn, inode_b)
@@ -543,7 +602,9 @@ class Operations(pyfuse3.Operations):
         return value
 
     @handler
-    async def setxattr(self, inode: InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         if len(name) > schema.NAME_MAX or not name:
             raise FUSEError(errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
@@ -589,7 +650,9 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=FileHandleT(fh), keep_cache=True)
 
     @handler
-    async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(
+        self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
         with self.store.env.begin() as txn:
             rec = self._get(txn, inode)
         if _is_dir(rec):
@@ -728,8 +791,10 @@ class Operations(pyfuse3.Operations):
     def _retry_purges(self) -> None:
         """Purge orphans whose purge failed earlier (a full disk, say)."""
         with self.store.env.begin() as txn:
-            orphans = [schema.read_u64(k) for k in
-                       txn.cursor(db=self.store.dbs["orphans"]).iternext(values=False)]
+            orphans = [
+                schema.read_u64(k)
+                for k in txn.cursor(db=self.store.dbs["orphans"]).iternext(values=False)
+            ]
         for inode in orphans:
             if not self.lookups.get(inode) and not self.open_count.get(inode):
                 self._spawn(self._purge, inode)

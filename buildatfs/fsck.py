@@ -82,7 +82,9 @@ class Checker:
             ckey = pair(parent, cookie)
             seen.add(ckey)
             if self.store.get_inode(txn, child) is None:
-                if self.found("dirents", f"entry {name!r} in inode {parent} names missing inode {child}"):
+                if self.found(
+                    "dirents", f"entry {name!r} in inode {parent} names missing inode {child}"
+                ):
                     txn.delete(key, db=self.db["dirents"])
                     txn.delete(ckey, db=self.db["dircookies"])
             elif cookies.get(ckey) != name:
@@ -201,8 +203,11 @@ class Checker:
         for key, value in list(txn.cursor(db=self.db["inodes"])):
             inode, rec = read_u64(key), Inode.unpack(value)
             if stat.S_ISREG(rec.mode) and rec.allocated != allocated[inode]:
-                if self.found("extents", f"inode {inode} counts {rec.allocated} allocated bytes, "
-                                         f"extents hold {allocated[inode]}"):
+                if self.found(
+                    "extents",
+                    f"inode {inode} counts {rec.allocated} allocated bytes, "
+                    f"extents hold {allocated[inode]}",
+                ):
                     rec.allocated = allocated[inode]
                     self.store.put_inode(txn, inode, rec)
 
@@ -223,21 +228,28 @@ class Checker:
                     txn.delete(key, db=self.db["chunks"])
                 continue
             if chunk.refcount != want:
-                if self.found("chunks", f"chunk {key.hex()[:16]} has refcount {chunk.refcount}, "
-                                        f"{want} extents use it"):
+                if self.found(
+                    "chunks",
+                    f"chunk {key.hex()[:16]} has refcount {chunk.refcount}, {want} extents use it",
+                ):
                     chunk.refcount = want
                     txn.put(key, chunk.pack_value(), db=self.db["chunks"])
             self.live[chunk.pack] += chunk.record_len
             if chunk.offset + chunk.record_len > packs.get(chunk.pack, -1):
-                self.found("chunks", f"chunk {key.hex()[:16]} lies outside pack {chunk.pack}",
-                           repairable=False)
+                self.found(
+                    "chunks",
+                    f"chunk {key.hex()[:16]} lies outside pack {chunk.pack}",
+                    repairable=False,
+                )
                 self.damaged.append(key)
             elif self.verify_data:
                 try:
                     record = self.store.packs.read_sync(chunk.pack, chunk.offset, chunk.record_len)
                     codec.decode_sync(key, record)
                 except ChunkError as exc:
-                    self.found("chunks", f"chunk {key.hex()[:16]} is damaged: {exc}", repairable=False)
+                    self.found(
+                        "chunks", f"chunk {key.hex()[:16]} is damaged: {exc}", repairable=False
+                    )
                     self.damaged.append(key)
         if self.damaged:
             self._name_damaged_files(txn)
@@ -247,8 +259,11 @@ class Checker:
         for key, value in txn.cursor(db=self.db["extents"]):
             if Extent.unpack(value).chunk_id in damaged:
                 inode, offset = read_pair(key)
-                log.error("Inode %d has damaged data at offset %d; reads there fail with EIO.",
-                          inode, offset)
+                log.error(
+                    "Inode %d has damaged data at offset %d; reads there fail with EIO.",
+                    inode,
+                    offset,
+                )
 
     # -- packs: recorded sizes and dead bytes --------------------------------
 
@@ -269,7 +284,9 @@ class Checker:
                 self.found("packs", f"pack {pack} is shorter than recorded", repairable=False)
             want_dead = size - self.live[pack]
             if dead != want_dead:
-                if self.found("packs", f"pack {pack} records {dead} dead bytes, actually {want_dead}"):
+                if self.found(
+                    "packs", f"pack {pack} records {dead} dead bytes, actually {want_dead}"
+                ):
                     txn.put(key, pair(size, want_dead), db=self.db["packs"])
 
     # -- xattrs, symlinks and orphans belong to live inodes --------------------
@@ -284,8 +301,10 @@ class Checker:
                     if self.found(name, f"entry for missing inode {inode}"):
                         txn.delete(key, db=self.db[name])
         meta = self.db["meta"]
-        top = max((read_u64(k) for k in txn.cursor(db=self.db["inodes"]).iternext(values=False)),
-                  default=schema.ROOT_INODE)
+        top = max(
+            (read_u64(k) for k in txn.cursor(db=self.db["inodes"]).iternext(values=False)),
+            default=schema.ROOT_INODE,
+        )
         if read_u64(txn.get(b"next_inode", db=meta)) <= top:
             if self.found("meta", "the next inode number is already in use"):
                 txn.put(b"next_inode", u64(top + 1), db=meta)

@@ -75,8 +75,12 @@ def _scan_sync(store: Store, pack: int, size: int) -> list[tuple[int, bytes, int
         try:
             _, _, body_len, chunk_id = codec.parse_header(header)
         except ChunkCorrupt:
-            log.error("Pack %d has a damaged record header at offset %d; the rest of it "
-                      "is not collected. Run `buildatfs fsck --verify-data`.", pack, offset)
+            log.error(
+                "Pack %d has a damaged record header at offset %d; the rest of it "
+                "is not collected. Run `buildatfs fsck --verify-data`.",
+                pack,
+                offset,
+            )
             return []
         length = codec.HEADER.size + body_len
         records.append((offset, chunk_id, length))
@@ -84,7 +88,9 @@ def _scan_sync(store: Store, pack: int, size: int) -> list[tuple[int, bytes, int
     return records
 
 
-def _copy_sync(store: Store, pack: int, batch: list[tuple[int, bytes, int]]) -> list[tuple[int, int]]:
+def _copy_sync(
+    store: Store, pack: int, batch: list[tuple[int, bytes, int]]
+) -> list[tuple[int, int]]:
     records = [store.packs.read_sync(pack, offset, length) for offset, _, length in batch]
     return store.packs.append_sync(records)
 
@@ -136,8 +142,12 @@ async def collect_pack(store: Store, pack: int, rate: float | None = RATE) -> Re
     return report
 
 
-async def run_pass(store: Store, rate: float | None = RATE, share: float = DEAD_SHARE,
-                   settle: Callable[[], Awaitable[None]] | None = None) -> Report:
+async def run_pass(
+    store: Store,
+    rate: float | None = RATE,
+    share: float = DEAD_SHARE,
+    settle: Callable[[], Awaitable[None]] | None = None,
+) -> Report:
     """Collect every pack whose dead share is at least *share*.
 
     If the open pack qualifies it is sealed first; *settle* must then wait
@@ -153,8 +163,12 @@ async def run_pass(store: Store, rate: float | None = RATE, share: float = DEAD_
     for pack in packs:
         total.add(await collect_pack(store, pack, rate))
     if total.packs_removed:
-        log.info("Garbage collection removed %d pack(s), moved %d chunk(s), freed %d bytes.",
-                 total.packs_removed, total.chunks_moved, total.freed_bytes)
+        log.info(
+            "Garbage collection removed %d pack(s), moved %d chunk(s), freed %d bytes.",
+            total.packs_removed,
+            total.chunks_moved,
+            total.freed_bytes,
+        )
     return total
 
 

@@ -87,7 +87,9 @@ class Reader:
         for piece in pieces:
             data = await self.load(inode, piece.chunk_id, piece.chunk)
             pos = piece.offset - start
-            buf[pos : pos + piece.length] = data[piece.chunk_offset : piece.chunk_offset + piece.length]
+            buf[pos : pos + piece.length] = data[
+                piece.chunk_offset : piece.chunk_offset + piece.length
+            ]
 
     async def load(self, inode: int, chunk_id: bytes, chunk: Chunk | None) -> bytes:
         data = self.cache.get(chunk_id)
@@ -101,8 +103,9 @@ class Reader:
                 # was planned: look again, once.
                 with self.store.env.begin() as txn:
                     moved = self.store.get_chunk(txn, chunk_id)
-                if moved is None or (chunk is not None and
-                                     (moved.pack, moved.offset) == (chunk.pack, chunk.offset)):
+                if moved is None or (
+                    chunk is not None and (moved.pack, moved.offset) == (chunk.pack, chunk.offset)
+                ):
                     raise
                 data = await self._load(chunk_id, moved)
         except Exception as exc:
@@ -111,12 +114,13 @@ class Reader:
                 log.error(
                     "Chunk %s of inode %d cannot be read (%s); reads of it fail with EIO. "
                     "Run `buildatfs fsck --verify-data` on the store.",
-                    chunk_id.hex(), inode, exc,
+                    chunk_id.hex(),
+                    inode,
+                    exc,
                 )
             raise
         self.cache.put(chunk_id, data)
         return data
-
 
     async def _load(self, chunk_id: bytes, chunk: Chunk | None) -> bytes:
         if chunk is None:

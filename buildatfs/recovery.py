@@ -37,7 +37,9 @@ def recover(store: Store) -> list[str]:
         done.append(f"discarded {len(staged)} uncommitted staging file(s)")
     store.staging.mkdir(exist_ok=True)
     with store.env.begin(write=True) as txn:
-        orphans = [schema.read_u64(k) for k in txn.cursor(db=store.dbs["orphans"]).iternext(values=False)]
+        orphans = [
+            schema.read_u64(k) for k in txn.cursor(db=store.dbs["orphans"]).iternext(values=False)
+        ]
         for inode in orphans:
             store.purge_inode(txn, inode)
         recorded = {

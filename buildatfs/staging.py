@@ -44,7 +44,9 @@ class Ranges:
         if lo < hi:
             start = min(start, self.starts[lo])
             end = max(end, self.ends[hi - 1])
-            self.total -= sum(e - s for s, e in zip(self.starts[lo:hi], self.ends[lo:hi], strict=True))
+            self.total -= sum(
+                e - s for s, e in zip(self.starts[lo:hi], self.ends[lo:hi], strict=True)
+            )
         self.starts[lo:hi] = [start]
         self.ends[lo:hi] = [end]
         self.total += end - start

@@ -41,7 +41,9 @@ class Store:
         self.path = path
         self.env = env
         self.readonly = readonly
-        self.dbs = {name.decode(): env.open_db(name, create=not readonly) for name in schema.DATABASES}
+        self.dbs = {
+            name.decode(): env.open_db(name, create=not readonly) for name in schema.DATABASES
+        }
         self.packs = LocalPackStore(path / "packs")
         self.staging = path / "staging"
         self._lock_fd = -1
@@ -175,7 +177,9 @@ class Store:
         _, cookie = read_pair(txn.get(key, db=self.dbs["dirents"]))
         txn.put(key, pair(child, cookie), db=self.dbs["dirents"])
 
-    def children(self, txn: lmdb.Transaction, parent: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes]]:
+    def children(
+        self, txn: lmdb.Transaction, parent: int, after_cookie: int = 0
+    ) -> Iterator[tuple[int, bytes]]:
         """Yield (cookie, name) of *parent*'s entries in cookie order."""
         cur = txn.cursor(db=self.dbs["dircookies"])
         if not cur.set_range(pair(parent, after_cookie + 1)):
@@ -240,7 +244,9 @@ class Store:
 
     # ---- extents and chunk references -------------------------------------
 
-    def extents(self, txn: lmdb.Transaction, inode: int, start: int, end: int) -> Iterator[tuple[int, Extent]]:
+    def extents(
+        self, txn: lmdb.Transaction, inode: int, start: int, end: int
+    ) -> Iterator[tuple[int, Extent]]:
         """Yield (file offset, extent) of the extents that overlap [start, end)."""
         cur = txn.cursor(db=self.dbs["extents"])
         key = pair(inode, start)
@@ -260,7 +266,9 @@ class Store:
             if offset + ext.length > start:
                 yield offset, ext
 
-    def drop_extents(self, txn: lmdb.Transaction, inode: int, start: int, end: int | None = None) -> int:
+    def drop_extents(
+        self, txn: lmdb.Transaction, inode: int, start: int, end: int | None = None
+    ) -> int:
         """Remove file data in [start, end) and return how many bytes extents lost.
 
         An extent that straddles *start* or *end* is cut; the chunk keeps its
@@ -300,8 +308,10 @@ class Store:
     def decref(self, txn: lmdb.Transaction, chunk_id: bytes) -> None:
         chunk = self.get_chunk(txn, chunk_id)
         if chunk is None:
-            log.error("Extent names chunk %s that is not in the index; run `buildatfs fsck`.",
-                      chunk_id.hex())
+            log.error(
+                "Extent names chunk %s that is not in the index; run `buildatfs fsck`.",
+                chunk_id.hex(),
+            )
             return
         chunk.refcount -= 1
         if chunk.refcount > 0:
@@ -312,8 +322,14 @@ class Store:
         self.bump(txn, "unique_bytes", -chunk.raw_len)
         self.bump(txn, "chunks", -1)
 
-    def add_chunk(self, txn: lmdb.Transaction, chunk_id: bytes, place: tuple[int, int],
-                  record_len: int, raw_len: int) -> None:
+    def add_chunk(
+        self,
+        txn: lmdb.Transaction,
+        chunk_id: bytes,
+        place: tuple[int, int],
+        record_len: int,
+        raw_len: int,
+    ) -> None:
         """Index a chunk just appended at *place* with one reference.
 
         If another commit indexed the same chunk meanwhile, that copy wins and
