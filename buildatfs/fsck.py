@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lmdb
 
-from buildatfs import codec, recovery, schema
+from buildatfs import codec, paths, recovery, schema
 from buildatfs.errors import ChunkError, UserError
 from buildatfs.schema import Extent, Inode, pair, read_pair, read_u64, u64
 from buildatfs.store import Store, now_ns
@@ -52,7 +52,7 @@ class Checker:
         """Record a problem; return True if the caller should repair it."""
         fix = self.repair and repairable
         self.problems.append(Problem(check, message, fix))
-        log.warning("%s: %s%s", check, message, " (repaired)" if fix else "")
+        log.info("%s: %s%s", check, message, " (repaired)" if fix else "")
         return fix
 
     def run(self, txn: lmdb.Transaction) -> None:
@@ -255,14 +255,16 @@ class Checker:
             self._name_damaged_files(txn)
 
     def _name_damaged_files(self, txn: lmdb.Transaction) -> None:
-        damaged = set(self.damaged)
-        for key, value in txn.cursor(db=self.db["extents"]):
-            if Extent.unpack(value).chunk_id in damaged:
-                inode, offset = read_pair(key)
-                log.error(
-                    "Inode %d has damaged data at offset %d; reads there fail with EIO.",
-                    inode,
-                    offset,
+        """Report, as a problem of its own, every file that uses damaged data."""
+        tree = paths.Tree.load(self.store, txn)
+        for users in paths.users_of(self.store, txn, self.damaged).values():
+            for inode, offsets in sorted(users.items()):
+                names = b", ".join(tree.paths(inode)).decode(errors="replace") or f"inode {inode}"
+                self.found(
+                    "data",
+                    f"{names} has damaged data at offset(s) {sorted(offsets)}; "
+                    "reads there fail with EIO (restore the file from its source)",
+                    repairable=False,
                 )
 
     # -- packs: recorded sizes and dead bytes --------------------------------
