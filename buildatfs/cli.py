@@ -272,9 +272,23 @@ def _wait_for_daemon(store: Path) -> None:
     except FileNotFoundError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        pid = int(os.pread(fd, 32, 0).split()[0])
+    except (ValueError, IndexError):
+        pid = None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # released when the daemon closes the store
     finally:
         os.close(fd)
+    # The process itself ends a moment later; wait for that too (bounded, in
+    # case the number was reused by then).
+    deadline = time.monotonic() + 30
+    while pid and time.monotonic() < deadline:
+        try:
+            if b"buildatfs" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                break
+        except OSError:
+            break
+        time.sleep(0.02)
 
 
 def _find_mount(mountpoint: Path) -> Path | None:
