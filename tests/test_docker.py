@@ -181,3 +181,64 @@ def test_docker_end_to_end_quick(tmp_path: Path) -> None:
     )
     assert re.search(r"ratio logical/stored\s+\|\s+\d+\.\d\dx", proc.stdout), proc.stdout
     assert "docker_e2e: OK" in proc.stdout
+
+
+def _tiny_rootfs(dest: Path) -> Path:
+    """A tar of the host's dash and the libraries it needs: enough for RUN and run."""
+    root = dest / "rootfs"
+    for path in ("/bin/dash", "/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"):
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(path), target)
+    (root / "bin" / "sh").symlink_to("dash")
+    tar = dest / "rootfs.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True, timeout=60)
+    return tar
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("driver", ["vfs", "fuse-overlayfs"])
+def test_other_storage_drivers(buildatfs_mount: Mount, tmp_path: Path, driver: str) -> None:
+    """dockerd with vfs or fuse-overlayfs on a buildatfs data-root imports, builds and runs."""
+    if not (DOCKERD.exists() and DOCKER.exists()):
+        pytest.skip(f"needs {DOCKERD} and {DOCKER} (Debian's docker.io)")
+    if driver == "fuse-overlayfs" and shutil.which("fuse-overlayfs") is None:
+        pytest.skip("needs fuse-overlayfs (Debian's fuse-overlayfs package)")
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import docker_e2e
+    finally:
+        sys.path.pop(0)
+    run_dir = Path(f"/tmp/bfdrv-{os.getpid()}-{driver}")  # short: unix socket paths are limited
+    run_dir.mkdir()
+    daemon = docker_e2e.Daemon(
+        driver,
+        buildatfs_mount.mountpoint / "docker",
+        run_dir,
+        tmp_path / "dockerd.log",
+        storage_driver=driver,
+    )
+    try:
+        daemon.start()
+        info = daemon.docker("info", "--format", "{{.Driver}}").stdout.strip()
+        assert info == driver
+        daemon.docker("import", _tiny_rootfs(tmp_path), "tiny:1")
+        context = tmp_path / "context"
+        context.mkdir()
+        (context / "Dockerfile").write_text("FROM tiny:1\nRUN echo built-on-" + driver + " > /x\n")
+        daemon.docker("build", "--network=none", "-q", "-t", "tiny:2", context)
+        out = daemon.docker(
+            "run",
+            "--rm",
+            "--network=none",
+            "--pull=never",
+            "tiny:2",
+            "/bin/sh",
+            "-c",
+            "read line < /x; echo $line",
+        ).stdout.strip()
+        assert out == f"built-on-{driver}"
+        daemon.docker("rmi", "tiny:2", "tiny:1")
+    finally:
+        daemon.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)

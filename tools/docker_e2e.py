@@ -209,6 +209,8 @@ class Daemon:
     log_path: Path
     pid: int | None = None
     child_pids: list[int] = field(default_factory=list)
+    storage_driver: str | None = None  # None: dockerd's own choice (overlay2 here)
+    process: subprocess.Popen[bytes] | None = None
 
     @property
     def socket(self) -> Path:
@@ -257,6 +259,8 @@ class Daemon:
             "--bridge=none",
             "--userland-proxy=false",
         ]
+        if self.storage_driver:
+            cmd += ["--storage-driver", self.storage_driver]
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(
                 [os.fspath(c) for c in cmd],
@@ -265,7 +269,7 @@ class Daemon:
                 stderr=log,
                 start_new_session=True,
             )
-        self.pid = proc.pid
+        self.pid, self.process = proc.pid, proc
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         while True:
             if proc.poll() is not None:
@@ -293,6 +297,13 @@ class Daemon:
 
     def stop(self) -> None:
         """SIGTERM our dockerd by pid and wait; SIGKILL it and its containerd on timeout."""
+        try:
+            self._stop()
+        finally:
+            if self.process is not None:
+                self.process.poll()  # reap it: a running Popen warns when collected
+
+    def _stop(self) -> None:
         if self.pid is None:
             return
         pid, self.pid = self.pid, None
