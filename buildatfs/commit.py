@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 import lmdb
 import trio
@@ -27,6 +28,9 @@ from buildatfs.store import Store
 log = logging.getLogger(__name__)
 
 WINDOW: Final = 8 * 1024 * 1024
+INLINE_LIMIT: Final = 64 * 1024  # bytes below which chunking or compressing stays inline
+
+T = TypeVar("T")
 _RETRIES: Final = 5
 
 
@@ -146,9 +150,7 @@ class Committer:
             fresh_start = buf_start + len(carry)
             fresh_end = min(fresh_start + WINDOW, end)
             buf = carry + await self.current_bytes(inode, dirty, fresh_start, fresh_end)
-            pieces = await trio.to_thread.run_sync(
-                self.chunker.cut_sync, bytes(buf), limiter=self.limiter
-            )
+            pieces = await self._offload(self.chunker.cut_sync, bytes(buf), size=len(buf))
             if fresh_end < end and len(pieces) > 1:
                 last = pieces.pop()
                 carry = last.data
@@ -187,15 +189,24 @@ class Committer:
         for cid in new:
             self._storing[cid] = trio.Event()
         try:
-            places = await trio.to_thread.run_sync(
-                self._encode_append_sync, new, limiter=self.limiter
-            )
+            size = sum(len(data) for data in new.values())
+            places = await self._offload(self._encode_append_sync, new, size=size)
             plan.stored.update(places)
             self._unindexed.update(places)
             owned.update(places)
         finally:
             for cid in new:
                 self._storing.pop(cid).set()
+
+    async def _offload(self, fn: Callable[..., T], *args: Any, size: int) -> T:
+        """Run *fn* in a worker thread, or right here if its input is small.
+
+        Handing work to a thread costs more than hashing or compressing a few
+        KiB, and most files in a container image are that small.
+        """
+        if size <= INLINE_LIMIT:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     def _encode_append_sync(self, new: dict[bytes, bytes]) -> dict[bytes, Stored]:
         ids = list(new)

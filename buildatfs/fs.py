@@ -88,6 +88,18 @@ def handler(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    """The reply to a lookup of a missing name: inode 0 lets the kernel cache
+    the miss (every later create of that name passes through the kernel)."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = InodeT(0)
+    entry.entry_timeout = ENTRY_TIMEOUT
+    return entry
+
+
+_NEGATIVE_ENTRY: Final = _negative_entry()
+
+
 async def _guarded(fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
     try:
         await fn(*args)
@@ -228,7 +240,7 @@ class Operations(pyfuse3.Operations):
         with self.store.env.begin() as txn:
             child = self.store.lookup(txn, parent_inode, name)
             if child is None:
-                raise FUSEError(errno.ENOENT)
+                return _NEGATIVE_ENTRY
             return self._remember(child, self._get(txn, child))
 
     @handler
