@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 WINDOW: Final = 8 * 1024 * 1024
 INLINE_LIMIT: Final = 64 * 1024  # bytes below which chunking or compressing stays inline
+PARALLEL_SHARE: Final = 1024 * 1024  # compress in parallel only shares at least this big
 
 T = TypeVar("T")
 _RETRIES: Final = 5
@@ -189,8 +190,7 @@ class Committer:
         for cid in new:
             self._storing[cid] = trio.Event()
         try:
-            size = sum(len(data) for data in new.values())
-            places = await self._offload(self._encode_append_sync, new, size=size)
+            places = await self._encode_append(new)
             plan.stored.update(places)
             self._unindexed.update(places)
             owned.update(places)
@@ -208,10 +208,24 @@ class Committer:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    def _encode_append_sync(self, new: dict[bytes, bytes]) -> dict[bytes, Stored]:
+    async def _encode_append(self, new: dict[bytes, bytes]) -> dict[bytes, Stored]:
+        """Compress *new* chunks, on every worker thread at once when there is
+        enough of them, and append the records to the open pack."""
         ids = list(new)
-        records = [codec.encode_sync(cid, new[cid]) for cid in ids]
-        places = self.store.packs.append_sync(records)
+        size = sum(len(data) for data in new.values())
+        shares = max(1, min(self.limiter.total_tokens, size // PARALLEL_SHARE))
+        parts = [ids[i::shares] for i in range(shares)]
+        encoded: list[list[bytes]] = [[] for _ in parts]
+
+        async def encode(i: int) -> None:
+            encoded[i] = await self._offload(_encode_sync, parts[i], new, size=size // shares)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(shares):
+                nursery.start_soon(encode, i)
+        ids = [cid for part in parts for cid in part]
+        records = [record for part in encoded for record in part]
+        places = await self._offload(self.store.packs.append_sync, records, size=size)
         return {
             cid: Stored(place, len(record), len(new[cid]))
             for cid, record, place in zip(ids, records, places, strict=True)
@@ -244,3 +258,7 @@ class Committer:
             store.set_size(txn, inode, rec, dirty.size)
         store.put_inode(txn, inode, rec)
         return True
+
+
+def _encode_sync(ids: list[bytes], chunks: dict[bytes, bytes]) -> list[bytes]:
+    return [codec.encode_sync(cid, chunks[cid]) for cid in ids]

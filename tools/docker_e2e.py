@@ -301,7 +301,10 @@ class Daemon:
             self._stop()
         finally:
             if self.process is not None:
-                self.process.poll()  # reap it: a running Popen warns when collected
+                try:  # reap it: a Popen still running warns when collected
+                    self.process.wait(timeout=DAEMON_STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    say(f"dockerd ({self.name}) is still running; it is left behind.")
 
     def _stop(self) -> None:
         if self.pid is None:
