@@ -300,3 +300,25 @@ def walk_files(root: Path) -> Iterable[Path]:
             path = Path(dirpath, name)
             if path.is_file() and not path.is_symlink():
                 yield path
+
+
+def _docker_e2e():  # tools/ is not a package: load the end-to-end script as a module
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import docker_e2e
+    finally:
+        sys.path.pop(0)
+    return docker_e2e
+
+
+DockerDaemon = _docker_e2e().Daemon
+
+
+def docker_daemon(
+    name: str, data_root: Path, run_dir: Path, storage_driver: str | None = None
+) -> DockerDaemon:
+    """A dockerd of the test's own (not started): data-root DATA_ROOT, everything else,
+    socket and log included, in RUN_DIR (keep it short: unix socket paths are limited)."""
+    return DockerDaemon(
+        name, data_root, run_dir, run_dir / "dockerd.log", storage_driver=storage_driver
+    )

@@ -22,7 +22,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fuse_helpers import REPO, Mount, describe, finish_mount, read_bytes, run_cli, write_bytes
+from fuse_helpers import (
+    REPO,
+    Mount,
+    describe,
+    docker_daemon,
+    finish_mount,
+    read_bytes,
+    run_cli,
+    write_bytes,
+)
 
 DOCKERD = Path("/usr/sbin/dockerd")
 DOCKER = Path("/usr/bin/docker")
@@ -204,20 +213,9 @@ def test_other_storage_drivers(buildatfs_mount: Mount, tmp_path: Path, driver: s
         pytest.skip(f"needs {DOCKERD} and {DOCKER} (Debian's docker.io)")
     if driver == "fuse-overlayfs" and shutil.which("fuse-overlayfs") is None:
         pytest.skip("needs fuse-overlayfs (Debian's fuse-overlayfs package)")
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import docker_e2e
-    finally:
-        sys.path.pop(0)
     run_dir = Path(f"/tmp/bfdrv-{os.getpid()}-{driver}")  # short: unix socket paths are limited
     run_dir.mkdir()
-    daemon = docker_e2e.Daemon(
-        driver,
-        buildatfs_mount.mountpoint / "docker",
-        run_dir,
-        tmp_path / "dockerd.log",
-        storage_driver=driver,
-    )
+    daemon = docker_daemon(driver, buildatfs_mount.mountpoint / "docker", run_dir, driver)
     try:
         daemon.start()
         info = daemon.docker("info", "--format", "{{.Driver}}").stdout.strip()

@@ -14,22 +14,20 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fuse_helpers import (
+    DockerDaemon,
     Mount,
     describe,
-    pid_alive,
+    docker_daemon,
     random_bytes,
     run_cli,
-    wait_for,
     write_bytes,
 )
 
@@ -190,122 +188,15 @@ def rootfs_tar(path: Path, extra: dict[str, bytes]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-class Dockerd:
-    """A dockerd of our own: data-root on the mount, everything else in RUN_DIR."""
-
-    def __init__(self, data_root: Path, run_dir: Path) -> None:
-        self.data_root = data_root
-        self.run_dir = run_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.children: list[int] = []
-
-    def env(self) -> dict[str, str]:
-        return dict(
-            os.environ,
-            DOCKER_HOST=f"unix://{self.run_dir / 'docker.sock'}",
-            DOCKER_BUILDKIT="0",
-            DOCKER_CONFIG=str(self.run_dir / "client"),
-        )
-
-    def docker(self, *args: object, stdin: Path | None = None) -> str:
-        with open(stdin or os.devnull, "rb") as infile:
-            proc = subprocess.run(
-                [str(DOCKER), *map(str, args)],
-                stdin=infile,
-                capture_output=True,
-                text=True,
-                env=self.env(),
-                timeout=300,
-                check=False,
-            )
-        assert proc.returncode == 0, describe(proc)
-        return proc.stdout
-
-    def start(self) -> None:
-        (self.run_dir / "exec").mkdir(parents=True, exist_ok=True)
-        config = self.run_dir / "daemon.json"
-        config.write_text(json.dumps({"deprecated-key-path": str(self.run_dir / "key.json")}))
-        cmd = [
-            DOCKERD,
-            "--config-file",
-            config,
-            "--data-root",
-            self.data_root,
-            "--exec-root",
-            self.run_dir / "exec",
-            "--pidfile",
-            self.run_dir / "docker.pid",
-            "-H",
-            f"unix://{self.run_dir / 'docker.sock'}",
-            "--iptables=false",
-            "--ip6tables=false",
-            "--ip-forward=false",
-            "--ip-masq=false",
-            "--bridge=none",
-            "--userland-proxy=false",
-        ]
-        with open(self.run_dir / "dockerd.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(c) for c in cmd],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-
-        def answers() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, self.log_tail()
-            return (
-                subprocess.run(
-                    [str(DOCKER), "version"], env=self.env(), capture_output=True, timeout=30
-                ).returncode
-                == 0
-            )
-
-        wait_for(answers, 90, "dockerd to answer", interval=0.3)
-        self.children = _children(self.proc.pid)
-
-    def stop(self) -> None:
-        """SIGTERM our dockerd by pid; SIGKILL it and its containerd if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.children = sorted(set(self.children) | set(_children(self.proc.pid)))
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(30)
-        for pid in self.children:
-            deadline = time.monotonic() + 15
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-    def log_tail(self) -> str:
-        return (self.run_dir / "dockerd.log").read_text(errors="replace")[-3000:]
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
-
-
 @pytest.fixture
-def dockerd_on(mount_ctl: Mount, tmp_path: Path) -> Iterator[Dockerd]:
+def dockerd_on(mount_ctl: Mount, tmp_path: Path) -> Iterator[DockerDaemon]:
     for program in (DOCKERD, DOCKER):
         if not program.exists():
             pytest.skip(f"{program} is missing (Debian package docker.io)")
     mount_ctl.mount()
     # Unix socket paths must stay under 108 bytes: pytest's tmp_path is too deep.
     run_dir = Path(tempfile.mkdtemp(prefix="bfs-dockerd-"))
-    daemon = Dockerd(mount_ctl.mountpoint, run_dir)
+    daemon = docker_daemon("stats", mount_ctl.mountpoint, run_dir)
     try:
         daemon.start()
         yield daemon
@@ -316,7 +207,7 @@ def dockerd_on(mount_ctl: Mount, tmp_path: Path) -> Iterator[Dockerd]:
 
 @pytest.mark.slow
 def test_per_image_breakdown_of_a_real_docker_root(
-    dockerd_on: Dockerd, mount_ctl: Mount, tmp_path: Path
+    dockerd_on: DockerDaemon, mount_ctl: Mount, tmp_path: Path
 ) -> None:
     docker = dockerd_on
     rootfs_tar(tmp_path / "base.tar", {})
@@ -330,10 +221,10 @@ def test_per_image_breakdown_of_a_real_docker_root(
     )
     docker.docker("build", "--network=none", "-t", "t/built:1", context)
     ids = {
-        tag: docker.docker("image", "inspect", "-f", "{{.Id}}", tag).strip()
+        tag: docker.docker("image", "inspect", "-f", "{{.Id}}", tag).stdout.strip()
         for tag in ("t/base:1", "t/variant:1", "t/built:1")
     }
-    driver = docker.docker("info", "-f", "{{.Driver}}").strip()
+    driver = docker.docker("info", "-f", "{{.Driver}}").stdout.strip()
     docker.stop()
 
     mounted = stats_json(mount_ctl.mountpoint)
