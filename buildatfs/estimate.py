@@ -29,6 +29,7 @@ from typing import Final
 from buildatfs import codec
 from buildatfs.chunker import DEFAULT_PARAMS, Chunker, ChunkerParams
 from buildatfs.commit import WINDOW  # cut as commits cut, window for window
+from buildatfs.stats import human_size, ratio
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,9 @@ class Estimate:
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {
             "seconds": round(self.seconds, 3),
-            "dedup_ratio": _ratio(self.logical_bytes, self.unique_bytes),
-            "compression_ratio": _ratio(self.unique_bytes, self.stored_bytes),
-            "overall_ratio": _ratio(self.logical_bytes, self.stored_bytes),
+            "dedup_ratio": ratio(self.logical_bytes, self.unique_bytes),
+            "compression_ratio": ratio(self.unique_bytes, self.stored_bytes),
+            "overall_ratio": ratio(self.logical_bytes, self.stored_bytes),
         }
 
 
@@ -226,26 +227,13 @@ def _tally_pieces(pieces: list, tally: _Counter) -> None:
         result.stored_bytes += stored
 
 
-def _ratio(a: int, b: int) -> float:
-    return round(a / b, 3) if b else 0.0
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
-        value /= 1024
-    raise AssertionError
-
-
 def render(result: Estimate, root: Path) -> str:
     data = result.to_json()
     rows = [
         ("Files (each inode once)", str(result.files)),
-        ("Logical bytes (file sizes)", _size(result.logical_bytes)),
-        ("Unique chunk bytes", _size(result.unique_bytes)),
-        ("Predicted stored bytes", _size(result.stored_bytes)),
+        ("Logical bytes (file sizes)", human_size(result.logical_bytes)),
+        ("Unique chunk bytes", human_size(result.unique_bytes)),
+        ("Predicted stored bytes", human_size(result.stored_bytes)),
         ("Unique chunks", str(result.chunks)),
         ("Dedup ratio", f"{data['dedup_ratio']:.2f}x"),
         ("Compression ratio", f"{data['compression_ratio']:.2f}x"),
@@ -261,7 +249,7 @@ def render(result: Estimate, root: Path) -> str:
 def describe(result: Estimate) -> str:
     """The progress line's text."""
     return (
-        f"{result.files} files, {_size(result.logical_bytes)} listed, "
-        f"{_size(result.data_bytes)} read, {_size(result.unique_bytes)} unique, "
-        f"{_size(result.stored_bytes)} predicted"
+        f"{result.files} files, {human_size(result.logical_bytes)} listed, "
+        f"{human_size(result.data_bytes)} read, {human_size(result.unique_bytes)} unique, "
+        f"{human_size(result.stored_bytes)} predicted"
     )

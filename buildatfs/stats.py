@@ -62,16 +62,17 @@ def collect(path: Path, breakdown: bool = True) -> dict[str, Any]:
         "files": counters["files"],
         "directories": counters["directories"],
         "inodes": counters["inodes"],
-        "dedup_ratio": _ratio(logical, unique),
-        "compression_ratio": _ratio(unique, pack_bytes - dead_bytes),
-        "overall_ratio": _ratio(logical, pack_bytes),
-        "overall_ratio_with_metadata": _ratio(logical, pack_bytes + metadata_bytes),
+        "dedup_ratio": ratio(logical, unique),
+        "compression_ratio": ratio(unique, pack_bytes - dead_bytes),
+        "overall_ratio": ratio(logical, pack_bytes),
+        "overall_ratio_with_metadata": ratio(logical, pack_bytes + metadata_bytes),
     }
     report.update(extra)
     return report
 
 
-def _ratio(a: int, b: int) -> float:
+def ratio(a: int, b: int) -> float:
+    """a / b rounded for reports; 0.0 when b is 0."""
     return round(a / b, 3) if b else 0.0
 
 
@@ -220,7 +221,8 @@ def _show(name: bytes) -> str:
 # ---- output -----------------------------------------------------------------
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
+    """Bytes in binary units for people: 512 B, 1.5 KiB, 3.2 GiB."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
@@ -242,11 +244,11 @@ _COLUMNS = (
 def render(report: dict[str, Any]) -> str:
     """Format *report* as tables for a person."""
     rows = [
-        ("Logical bytes (file sizes)", _size(report["logical_bytes"])),
-        ("Unique chunk bytes", _size(report["unique_bytes"])),
-        ("Stored in packs", _size(report["stored_bytes"])),
-        ("  of which dead (awaiting gc)", _size(report["dead_bytes"])),
-        ("Metadata (LMDB)", _size(report["metadata_bytes"])),
+        ("Logical bytes (file sizes)", human_size(report["logical_bytes"])),
+        ("Unique chunk bytes", human_size(report["unique_bytes"])),
+        ("Stored in packs", human_size(report["stored_bytes"])),
+        ("  of which dead (awaiting gc)", human_size(report["dead_bytes"])),
+        ("Metadata (LMDB)", human_size(report["metadata_bytes"])),
         ("Dedup ratio", f"{report['dedup_ratio']:.2f}x"),
         ("Compression ratio", f"{report['compression_ratio']:.2f}x"),
         ("Overall ratio", f"{report['overall_ratio']:.2f}x"),
@@ -259,7 +261,7 @@ def render(report: dict[str, Any]) -> str:
     parts = ["\n".join(f"{name:<{width}}  {value}" for name, value in rows)]
     if report.get("directories_breakdown"):
         table = [
-            [row["name"]] + [_size(row[k]) for _, k in _COLUMNS]
+            [row["name"]] + [human_size(row[k]) for _, k in _COLUMNS]
             for row in report["directories_breakdown"]
         ]
         parts.append(
@@ -273,7 +275,7 @@ def render(report: dict[str, Any]) -> str:
                 ", ".join(row["tags"]) or "<none>",
                 str(row["layers"]),
             ]
-            + [_size(row[k]) for _, k in _COLUMNS]
+            + [human_size(row[k]) for _, k in _COLUMNS]
             for row in report["images"]
         ]
         parts.append(
