@@ -25,6 +25,7 @@ from buildatfs.store import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS = ("allow_other", "suid", "dev", "default_permissions")
+READAHEAD_KB = 1024
 
 
 def fuse_options(store_path: Path, extra: list[str]) -> set[str]:
@@ -82,7 +83,7 @@ async def _serve(ops: Operations, mountpoint: Path, ready: ReadyPipe) -> None:
         async with trio.open_nursery() as background:
             background.start_soon(ops.maintain)
             background.start_soon(_unmount_on_signal, mountpoint)
-            background.start_soon(_announce_ready, ready)
+            background.start_soon(_announce_ready, ready, ops, mountpoint)
             background.start_soon(_collect_on_signal, ops)
             await pyfuse3.main()
             background.cancel_scope.cancel()
@@ -91,7 +92,7 @@ async def _serve(ops: Operations, mountpoint: Path, ready: ReadyPipe) -> None:
     await trio.to_thread.run_sync(ops.store.sync_sync)
 
 
-async def _announce_ready(ready: ReadyPipe) -> None:
+async def _announce_ready(ready: ReadyPipe, ops: Operations, mountpoint: Path) -> None:
     ready.send(0, "ready")
     notify = os.environ.get("NOTIFY_SOCKET")
     if notify:
@@ -99,6 +100,30 @@ async def _announce_ready(ready: ReadyPipe) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"READY=1\nSTATUS=Mounted", address)
     log.info("Mounted; serving requests.")
+    # The kernel sets the readahead when it gets the reply to its INIT request,
+    # which goes out after Operations.init() returns.
+    await ops.initialized.wait()
+    await trio.sleep(0.5)
+    _raise_readahead(mountpoint)
+
+
+def _raise_readahead(mountpoint: Path) -> None:
+    """Let the kernel read ahead READAHEAD_KB on this mount instead of 128 KiB.
+
+    pyfuse3 does not pass a readahead size to the kernel, so set the mount's
+    backing-device limit: larger sequential reads cost fewer requests. Looks the
+    device up in mountinfo, because a stat() of our own mount point would wait
+    for this very thread.
+    """
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                device = fields[2]
+    try:
+        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(str(READAHEAD_KB))
+    except (OSError, UnboundLocalError) as exc:
+        log.info("Cannot raise the readahead of %s (%s); reads stay at 128 KiB.", mountpoint, exc)
 
 
 async def _collect_on_signal(ops: Operations) -> None:

@@ -155,6 +155,7 @@ class Operations(pyfuse3.Operations):
         self.changed_since_sync = False
         self.gc_lock = trio.Lock()
         self.low_on_space = False
+        self.initialized = trio.Event()
         self._next_fh = 1
 
     # ---- helpers ------------------------------------------------------------
@@ -229,6 +230,10 @@ class Operations(pyfuse3.Operations):
             staged = sum(dirty.ranges.total for dirty in self.dirty.values())
             self.low_on_space = free < reserve + staged
         return self.low_on_space
+
+    def init(self) -> None:
+        """Called by pyfuse3 once the kernel's INIT request is handled."""
+        self.initialized.set()
 
     # ---- lookup and attributes ----------------------------------------------
 
