@@ -22,7 +22,7 @@ from buildatfs import codec, faults
 from buildatfs.chunker import Chunker
 from buildatfs.reader import Reader
 from buildatfs.schema import Extent
-from buildatfs.staging import DirtyFile
+from buildatfs.staging import DirtyFile, Ranges
 from buildatfs.store import Store
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,10 @@ class Committer:
         self._storing: dict[bytes, trio.Event] = {}
         self._unindexed: dict[bytes, Stored] = {}
 
-    async def commit(self, inode: int, dirty: DirtyFile) -> bool:
-        """Commit *dirty* into the index; the caller holds the inode's lock.
+    async def commit(self, inode: int, dirty: DirtyFile, ranges: Ranges, size: int) -> bool:
+        """Commit the staged *ranges* of *dirty*, with the file at *size*, into
+        the index; the caller holds the inode's lock, so no truncation or other
+        commit runs meanwhile (writes may).
 
         Returns False if the inode no longer exists (its data is then dead).
         Awaits worker threads; raises ChunkError if old data cannot be read.
@@ -82,7 +84,7 @@ class Committer:
         self._running.add(ticket)
         owned: set[bytes] = set()
         try:
-            return await self._commit(inode, dirty, owned)
+            return await self._commit(inode, dirty, ranges, size, owned)
         finally:
             self._running.discard(ticket)
             for chunk_id in owned:
@@ -94,35 +96,37 @@ class Committer:
         while self._running and min(self._running) < horizon:
             await trio.sleep(0.05)
 
-    async def _commit(self, inode: int, dirty: DirtyFile, owned: set[bytes]) -> bool:
+    async def _commit(
+        self, inode: int, dirty: DirtyFile, ranges: Ranges, size: int, owned: set[bytes]
+    ) -> bool:
         for _ in range(_RETRIES):
             with self.store.env.begin() as txn:
                 if self.store.get_inode(txn, inode) is None:
                     return False
-                plan = Plan(self._regions(txn, inode, dirty))
+                plan = Plan(self._regions(txn, inode, ranges, size))
             for start, end in plan.regions:
                 await self._chunk_region(inode, dirty, start, end, plan, owned)
             faults.point("commit:chunks-written")
             try:
                 with self.store.env.begin(write=True) as txn:
-                    return self._apply(txn, inode, dirty, plan)
+                    return self._apply(txn, inode, size, plan)
             except ChunkVanished:
                 log.debug("A chunk vanished during the commit of inode %d; retrying", inode)
         raise RuntimeError(f"commit of inode {inode} kept racing with deletions")
 
     def _regions(
-        self, txn: lmdb.Transaction, inode: int, dirty: DirtyFile
+        self, txn: lmdb.Transaction, inode: int, ranges: Ranges, size: int
     ) -> list[tuple[int, int]]:
         """Widen each dirty range to the committed extents it overlaps."""
         regions: list[tuple[int, int]] = []
-        for start, end in dirty.ranges:
+        for start, end in ranges:
             first = next(self.store.extents(txn, inode, start, start + 1), None)
             if first is not None:
                 start = min(start, first[0])
             last = next(self.store.extents(txn, inode, end - 1, end), None)
             if last is not None:
                 end = max(end, last[0] + last[1].length)
-            end = min(end, dirty.size)
+            end = min(end, size)
             if regions and start <= regions[-1][1]:
                 regions[-1] = (regions[-1][0], max(end, regions[-1][1]))
             elif start < end:
@@ -231,7 +235,7 @@ class Committer:
             for cid, record, place in zip(ids, records, places, strict=True)
         }
 
-    def _apply(self, txn: lmdb.Transaction, inode: int, dirty: DirtyFile, plan: Plan) -> bool:
+    def _apply(self, txn: lmdb.Transaction, inode: int, size: int, plan: Plan) -> bool:
         """Write *plan* into the index: references first, then the old extents go."""
         store = self.store
         rec = store.get_inode(txn, inode)
@@ -254,8 +258,8 @@ class Committer:
         for offset, cid, length in plan.extents:
             store.put_extent(txn, inode, offset, Extent(cid, 0, length))
         rec.allocated += sum(length for _, _, length in plan.extents) - lost
-        if dirty.size != rec.size:
-            store.set_size(txn, inode, rec, dirty.size)
+        if size != rec.size:
+            store.set_size(txn, inode, rec, size)
         store.put_inode(txn, inode, rec)
         return True
 

@@ -9,7 +9,8 @@ Per-inode state kept in memory:
 - ``lookups``: the kernel's lookup count, from entry replies minus forgets;
 - ``open_count``: open file handles;
 - ``dirty``: staged writes (staging.DirtyFile);
-- ``locks``: a trio.Lock per file that orders writes, truncation and commit.
+- ``locks``: a trio.Lock per file that lets one commit, truncation or purge
+  run at a time (writes go on during a commit).
 An inode whose nlink drops to 0 is kept (in the ``orphans`` sub-db) until
 both counts are zero, then purged with its data.
 """
@@ -181,7 +182,7 @@ class Operations(pyfuse3.Operations):
         dirty = self.dirty.get(inode)
         if dirty is not None:
             size = dirty.size
-            allocated += dirty.ranges.total
+            allocated += dirty.staged_bytes
         entry.st_size = size
         entry.st_blksize = BLKSIZE
         entry.st_blocks = (min(allocated, size) + 511) // 512
@@ -196,10 +197,17 @@ class Operations(pyfuse3.Operations):
         return self._entry(inode, rec)
 
     def _lock(self, inode: int) -> trio.Lock:
+        """The lock that lets one commit, truncation or purge of *inode* run at a time."""
         lock = self.locks.get(inode)
         if lock is None:
             lock = self.locks[inode] = trio.Lock()
         return lock
+
+    def _drop_lock(self, inode: int) -> None:
+        """Forget an idle lock; one in use stays, or two tasks would hold "the" lock."""
+        lock = self.locks.get(inode)
+        if lock is not None and not lock.locked() and not lock.statistics().tasks_waiting:
+            del self.locks[inode]
 
     def _touch_dir(self, txn, parent: int, rec: Inode, t: int, nlink_delta: int = 0) -> None:
         rec.mtime_ns = rec.ctime_ns = t
@@ -227,7 +235,7 @@ class Operations(pyfuse3.Operations):
         if free > reserve + TOTAL_DIRTY_LIMIT:
             self.low_on_space = False
         else:
-            staged = sum(dirty.ranges.total for dirty in self.dirty.values())
+            staged = sum(dirty.staged_bytes for dirty in self.dirty.values())
             self.low_on_space = free < reserve + staged
         return self.low_on_space
 
@@ -323,7 +331,7 @@ class Operations(pyfuse3.Operations):
             return
         with self.store.env.begin() as txn:
             if txn.get(u64(inode), db=self.store.dbs["orphans"]) is None:
-                self.locks.pop(inode, None)
+                self._drop_lock(inode)
                 return
         self._spawn(self._purge, inode)
 
@@ -336,7 +344,7 @@ class Operations(pyfuse3.Operations):
                 dirty.discard()
             with self.store.env.begin(write=True) as txn:
                 self.store.purge_inode(txn, inode)
-        self.locks.pop(inode, None)
+        self._drop_lock(inode)
         self._changed()
 
     # ---- creating and removing entries ---------------------------------------
@@ -695,7 +703,7 @@ class Operations(pyfuse3.Operations):
         # that lands while the chunks load must not drop them from under us.
         if dirty is not None:
             staged = bytearray(end - off)
-            parts = dirty.ranges.overlapping(off, end)
+            parts = dirty.staged_parts(off, end)
             dirty.overlay(off, staged)
         await self.reader.fill(inode, off, buf, pieces)
         if dirty is not None:
@@ -708,29 +716,41 @@ class Operations(pyfuse3.Operations):
         inode = self.handles[fh]
         if self.space_low():
             raise FUSEError(errno.ENOSPC)
-        async with self._lock(inode):
-            dirty = self.dirty.get(inode)
-            if dirty is None:
-                with self.store.env.begin() as txn:
-                    size = self._get(txn, inode).size
-                path = self.store.staging / str(inode)
-                dirty = self.dirty[inode] = DirtyFile(path, size)
-            dirty.write(off, buf)
-        if dirty.ranges.total > FILE_DIRTY_LIMIT:
-            self._spawn(self.commit, inode)
+        # No await from here on: a commit running meanwhile sees this write
+        # either wholly or not at all (staging.DirtyFile).
+        dirty = self.dirty.get(inode)
+        if dirty is None:
+            with self.store.env.begin() as txn:
+                size = self._get(txn, inode).size
+            path = self.store.staging / str(inode)
+            dirty = self.dirty[inode] = DirtyFile(path, size)
+        dirty.write(off, buf)
+        if dirty.ranges.total > FILE_DIRTY_LIMIT and not self._lock(inode).locked():
+            self._spawn(self._commit_logged, inode)
         return len(buf)
 
     async def commit(self, inode: int) -> None:
-        """Commit the staged writes of *inode*, if any. Takes the inode's lock."""
+        """Commit what *inode* had staged when called, if anything.
+
+        Takes the inode's lock (one commit, truncation or purge at a time);
+        writes go on meanwhile and stay staged for the next commit.
+        """
         async with self._lock(inode):
             dirty = self.dirty.get(inode)
-            if dirty is None:
+            if dirty is None or not dirty.ranges:
                 return
-            await self.committer.commit(inode, dirty)
+            ranges, size = dirty.begin_commit()
+            try:
+                await self.committer.commit(inode, dirty, ranges, size)
+            except BaseException:
+                dirty.end_commit(done=False)
+                raise
+            dirty.end_commit(done=True)
             faults.point("commit:index-committed")
-            del self.dirty[inode]
-            dirty.discard()
-            faults.point("commit:staging-removed")
+            if dirty.clean:
+                del self.dirty[inode]
+                dirty.discard()
+                faults.point("commit:staging-removed")
         self._changed()
 
     async def _commit_logged(self, inode: int) -> None:
@@ -795,8 +815,9 @@ class Operations(pyfuse3.Operations):
                 self._spawn(self.collect_garbage, gc.RATE, gc.DEAD_SHARE)
             total = 0
             for inode, dirty in list(self.dirty.items()):
-                total += dirty.ranges.total
-                if now - dirty.last_write > IDLE_COMMIT and not self._lock(inode).locked():
+                total += dirty.staged_bytes
+                idle = now - dirty.last_write > IDLE_COMMIT
+                if idle and dirty.ranges and not self._lock(inode).locked():
                     self._spawn(self._commit_logged, inode)
             if total > TOTAL_DIRTY_LIMIT and self.dirty:
                 biggest = max(self.dirty, key=lambda i: self.dirty[i].ranges.total)

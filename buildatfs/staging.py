@@ -75,14 +75,31 @@ class Ranges:
 
 class DirtyFile:
     """Uncommitted writes of one inode. Plain methods; each blocks only on
-    page-cache I/O of the staging file."""
+    page-cache I/O of the staging file.
+
+    Writes go on while a commit runs: `begin_commit` hands the commit the
+    ranges written so far (``committing``) and starts a fresh ``ranges`` for
+    later writes. Both sets stay readable from the staging file until
+    `end_commit`, so a read never falls between staged and committed data. A
+    commit may read bytes newer than its snapshot; they stay in ``ranges`` and
+    are committed again, which is harmless.
+    """
 
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.ranges = Ranges()
+        self.committing = Ranges()
         self.size = size
         self.last_write = time.monotonic()
+
+    @property
+    def staged_bytes(self) -> int:
+        return self.ranges.total + self.committing.total
+
+    @property
+    def clean(self) -> bool:
+        return not self.ranges and not self.committing
 
     def write(self, offset: int, buf: bytes) -> None:
         os.pwrite(self.fd, buf, offset)
@@ -90,17 +107,44 @@ class DirtyFile:
         self.size = max(self.size, offset + len(buf))
         self.last_write = time.monotonic()
 
+    def begin_commit(self) -> tuple[Ranges, int]:
+        """Return the ranges to commit and the size they belong with."""
+        assert not self.committing, "one commit at a time per file"
+        self.committing, self.ranges = self.ranges, Ranges()
+        return self.committing, self.size
+
+    def end_commit(self, done: bool) -> None:
+        """Forget the committed ranges, or after a failure keep them staged."""
+        if not done:
+            for start, end in self.committing:
+                self.ranges.add(start, end)
+        self.committing = Ranges()
+
+    def staged_parts(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Return the staged parts of [start, end), sorted and merged."""
+        parts = sorted(
+            self.ranges.overlapping(start, end) + self.committing.overlapping(start, end)
+        )
+        merged: list[tuple[int, int]] = []
+        for s, e in parts:
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
+            else:
+                merged.append((s, e))
+        return merged
+
     def overlay(self, start: int, buf: bytearray | memoryview) -> None:
-        """Copy the dirty bytes of [start, start+len(buf)) into *buf*."""
-        for s, e in self.ranges.overlapping(start, start + len(buf)):
+        """Copy the staged bytes of [start, start+len(buf)) into *buf*."""
+        for s, e in self.staged_parts(start, start + len(buf)):
             data = os.pread(self.fd, e - s, s)
             buf[s - start : s - start + len(data)] = data
 
     def covers(self, start: int, end: int) -> bool:
-        parts = self.ranges.overlapping(start, end)
-        return len(parts) == 1 and parts[0] == (start, end)
+        return self.staged_parts(start, end) == [(start, end)]
 
     def truncate(self, size: int) -> None:
+        """Cut the staged data at *size*; not while a commit runs."""
+        assert not self.committing, "truncate waits for the commit"
         self.ranges.clip(size)
         self.size = size
         os.ftruncate(self.fd, size)
