@@ -28,7 +28,7 @@ from buildatfs.store import Store
 log = logging.getLogger(__name__)
 
 WINDOW: Final = 8 * 1024 * 1024
-INLINE_LIMIT: Final = 64 * 1024  # bytes below which chunking or compressing stays inline
+INLINE_LIMIT: Final = 256 * 1024  # bytes below which chunking or compressing stays inline
 PARALLEL_SHARE: Final = 1024 * 1024  # compress in parallel only shares at least this big
 
 T = TypeVar("T")
