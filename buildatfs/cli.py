@@ -169,6 +169,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     store = args.store.absolute()
     mountpoint = args.mountpoint.absolute()
     _check_mountpoint(mountpoint)
+    if store.resolve() == mountpoint.resolve() or mountpoint.resolve() in store.resolve().parents:
+        raise UserError(f"the store {store} must not be inside its mount point {mountpoint}.")
     Store.open(store, readonly=True).close()  # a clear error for a non-store
     options = [o for group in args.options for o in group.split(",") if o]
     if args.foreground:
