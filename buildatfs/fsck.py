@@ -217,7 +217,10 @@ class Checker:
         """Invariants: refcount equals the extents naming the chunk; no chunk
         without references; each record lies inside its pack (and, with
         --verify-data, decodes to bytes with its blake3 id)."""
-        packs = {read_u64(k): read_pair(v)[0] for k, v in txn.cursor(db=self.db["packs"])}
+        recorded = {read_u64(k): read_pair(v)[0] for k, v in txn.cursor(db=self.db["packs"])}
+        present = self.store.packs.list_sync()
+        # A record must lie inside both what the index recorded and the file.
+        packs = {pack: min(size, present.get(pack, -1)) for pack, size in recorded.items()}
         self.live: collections.Counter[int] = collections.Counter()
         self.damaged: list[bytes] = []
         for key, value in list(txn.cursor(db=self.db["chunks"])):

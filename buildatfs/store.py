@@ -56,6 +56,8 @@ class Store:
     @staticmethod
     def init(path: Path, params: ChunkerParams = DEFAULT_PARAMS) -> None:
         """Create an empty store at *path* (a missing or empty directory)."""
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path} is not a directory; give a new or empty directory.")
         if path.exists() and any(path.iterdir()):
             raise UserError(f"{path} is not empty; give a new or empty directory.")
         for sub in ("meta", "packs", "staging"):
@@ -86,9 +88,16 @@ class Store:
         if not (path / "meta" / "data.mdb").is_file():
             raise UserError(f"{path} is not a buildatfs store (run `buildatfs init {path}`).")
         env = _open_env(path, readonly)
-        store = cls(path, env, readonly)
-        with env.begin() as txn:
-            version = txn.get(b"format", db=store.dbs["meta"])
+        try:
+            store = cls(path, env, readonly)
+            with env.begin() as txn:
+                version = txn.get(b"format", db=store.dbs["meta"])
+        except lmdb.Error as exc:
+            env.close()
+            raise UserError(
+                f"the index of {path} is damaged ({exc}); restore meta/ from a backup.",
+                exit_code=1,
+            ) from None
         if version != str(schema.FORMAT_VERSION).encode():
             env.close()
             raise UserError(f"{path} has store format {version!r}; this buildatfs reads 1.")

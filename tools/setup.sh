@@ -30,9 +30,9 @@ fi
 # pyfuse3 when no binary wheel fits; attr and acl: getfattr/setfattr and getfacl/setfacl
 # for tests; debootstrap and tar: building base images for the Docker tests; docker.io:
 # the real dockerd of the end-to-end test, and fuse-overlayfs as its other storage driver;
-# systemd: systemd-analyze for the unit tests.
+# systemd: systemd-analyze for the unit tests; fio and stress-ng: the load tests.
 debian_packages=(fuse3 libfuse3-dev pkg-config gcc attr acl debootstrap tar docker.io
-    fuse-overlayfs systemd)
+    fuse-overlayfs systemd fio stress-ng)
 missing=()
 for package in "${debian_packages[@]}"; do
     status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
