@@ -151,7 +151,6 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, int] = {}
         self.dirty: dict[int, DirtyFile] = {}
         self.locks: dict[int, trio.Lock] = {}
-        self.dirty_bytes_hint = 0
         self.nursery: trio.Nursery | None = None
         self.changed_since_sync = False
         self.gc_lock = trio.Lock()
