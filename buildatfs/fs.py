@@ -736,16 +736,17 @@ class Operations(pyfuse3.Operations):
         """
         async with self._lock(inode):
             dirty = self.dirty.get(inode)
-            if dirty is None or not dirty.ranges:
+            if dirty is None:
                 return
-            ranges, size = dirty.begin_commit()
-            try:
-                await self.committer.commit(inode, dirty, ranges, size)
-            except BaseException:
-                dirty.end_commit(done=False)
-                raise
-            dirty.end_commit(done=True)
-            faults.point("commit:index-committed")
+            if dirty.ranges:  # (a truncation may have cut them all away)
+                ranges, size = dirty.begin_commit()
+                try:
+                    await self.committer.commit(inode, dirty, ranges, size)
+                except BaseException:
+                    dirty.end_commit(done=False)
+                    raise
+                dirty.end_commit(done=True)
+                faults.point("commit:index-committed")
             if dirty.clean:
                 del self.dirty[inode]
                 dirty.discard()
@@ -816,7 +817,7 @@ class Operations(pyfuse3.Operations):
             for inode, dirty in list(self.dirty.items()):
                 total += dirty.staged_bytes
                 idle = now - dirty.last_write > IDLE_COMMIT
-                if idle and dirty.ranges and not self._lock(inode).locked():
+                if idle and not self._lock(inode).locked():
                     self._spawn(self._commit_logged, inode)
             if total > TOTAL_DIRTY_LIMIT and self.dirty:
                 biggest = max(self.dirty, key=lambda i: self.dirty[i].ranges.total)
