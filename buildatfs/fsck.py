@@ -56,7 +56,7 @@ class Checker:
         return fix
 
     def run(self, txn: lmdb.Transaction) -> None:
-        for check in (
+        checks = (
             self.check_dirents,
             self.check_tree,
             self.check_extents,
@@ -64,9 +64,11 @@ class Checker:
             self.check_packs,
             self.check_inode_data,
             self.check_counters,
-        ):
-            _progress(check.__name__.removeprefix("check_").replace("_", " "))
+        )
+        for done, check in enumerate(checks):
+            _progress(check.__name__.removeprefix("check_").replace("_", " "), done, len(checks))
             check(txn)
+        _progress("", len(checks), len(checks))
 
     # -- every dirent has its dircookie and names a live inode -------------------
 
@@ -382,7 +384,14 @@ def main(path: Path, verify_data: bool, repair: bool) -> int:
     return EXIT_LEFT if left else EXIT_REPAIRED
 
 
-def _progress(step: str) -> None:
+def _progress(step: str, done: int, total: int) -> None:
+    """Show a progress bar on a terminal (stderr), and log the step."""
     if sys.stderr.isatty():
-        print(f"\rChecking {step}...".ljust(40), end="", file=sys.stderr, flush=True)
-    log.info("Checking %s...", step)
+        width = 30
+        filled = width * done // total
+        bar = "#" * filled + "." * (width - filled)
+        text = f"Checking {step}..." if step else "Checked."
+        end = "\n" if done == total else ""
+        print(f"\r[{bar}] {done}/{total} {text}".ljust(70), end=end, file=sys.stderr, flush=True)
+    if step:
+        log.info("Checking %s...", step)
