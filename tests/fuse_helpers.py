@@ -322,3 +322,29 @@ def docker_daemon(
     return DockerDaemon(
         name, data_root, run_dir, run_dir / "dockerd.log", storage_driver=storage_driver
     )
+
+
+def pack_files(store: Path) -> list[Path]:
+    return sorted((store / "packs").glob("*/*.pack"))
+
+
+def find_in_packs(store: Path, needle: bytes) -> tuple[Path, int]:
+    """The one pack file and offset holding NEEDLE (random data is stored raw)."""
+    hits = []
+    for pack in pack_files(store):
+        body = pack.read_bytes()
+        at = body.find(needle)
+        while at >= 0:
+            hits.append((pack, at))
+            at = body.find(needle, at + 1)
+    assert len(hits) == 1, f"expected the needle once in the packs, found {hits}"
+    return hits[0]
+
+
+def flip_byte(pack: Path, offset: int) -> None:
+    """Damage one stored byte, as a failing disk would."""
+    with open(pack, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))

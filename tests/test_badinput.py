@@ -23,8 +23,10 @@ from fuse_helpers import (
     Mount,
     cli_env,
     describe,
+    flip_byte,
     is_mounted,
     lazy_unmount,
+    pack_files,
     pid_alive,
     random_bytes,
     read_bytes,
@@ -40,10 +42,6 @@ FSCK_LEFT, FSCK_OPERATIONAL, FSCK_USAGE = 4, 8, 16
 
 
 # ---------------------------------------------------------------- damaged packs
-
-
-def pack_files(store: Path) -> list[Path]:
-    return sorted((store / "packs").glob("*/*.pack"))
 
 
 def pack_holding(store: Path, needle: bytes) -> tuple[Path, int]:
@@ -73,16 +71,8 @@ def two_packs(mount_ctl: Mount) -> Mount:
     return mount_ctl
 
 
-def flip(pack: Path, offset: int) -> None:
-    with open(pack, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 0x5A]))
-
-
 DAMAGE: dict[str, Callable[[Path, int], None]] = {
-    "flipped-byte": lambda pack, offset: flip(pack, offset + 1000),
+    "flipped-byte": lambda pack, offset: flip_byte(pack, offset + 1000),
     "truncated": lambda pack, offset: os.truncate(pack, offset + 1000),
     "missing": lambda pack, offset: pack.unlink(),
 }

@@ -11,41 +11,19 @@ import os
 from pathlib import Path
 
 import pytest
-from fuse_helpers import Mount, pid_alive, random_bytes, read_bytes, write_bytes
+from fuse_helpers import (
+    Mount,
+    find_in_packs,
+    flip_byte,
+    pid_alive,
+    random_bytes,
+    read_bytes,
+    write_bytes,
+)
 
 pytestmark = pytest.mark.fuse
 
 MiB = 1 << 20
-
-
-def pack_files(store: Path) -> list[Path]:
-    return sorted((store / "packs").glob("*/*.pack"))
-
-
-def locate(store: Path, needle: bytes) -> tuple[Path, int]:
-    """The one pack file and offset holding NEEDLE (a random file is stored raw)."""
-    hits = []
-    for pack in pack_files(store):
-        body = pack.read_bytes()
-        hits += [(pack, i) for i in _find_all(body, needle)]
-    assert len(hits) == 1, f"expected the needle once in the packs, found {hits}"
-    return hits[0]
-
-
-def _find_all(body: bytes, needle: bytes) -> list[int]:
-    found, start = [], body.find(needle)
-    while start >= 0:
-        found.append(start)
-        start = body.find(needle, start + 1)
-    return found
-
-
-def flip_byte(pack: Path, offset: int) -> None:
-    with open(pack, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 @pytest.fixture
@@ -75,7 +53,7 @@ def assert_mount_healthy(mnt: Mount) -> None:
 
 def test_flipped_byte_gives_eio_for_that_file_only(damaged: Mount) -> None:
     victim = random_bytes(2 * MiB, seed=1)
-    pack, offset = locate(damaged.store, victim[MiB : MiB + 64])
+    pack, offset = find_in_packs(damaged.store, victim[MiB : MiB + 64])
     flip_byte(pack, offset + 10)
     damaged.mount()  # cold caches
     assert_eio(damaged.mountpoint / "victim")
@@ -88,7 +66,7 @@ def test_flipped_byte_gives_eio_for_that_file_only(damaged: Mount) -> None:
 
 def test_truncated_pack_gives_eio(damaged: Mount) -> None:
     victim = random_bytes(2 * MiB, seed=1)
-    pack, offset = locate(damaged.store, victim[MiB : MiB + 64])
+    pack, offset = find_in_packs(damaged.store, victim[MiB : MiB + 64])
     os.truncate(pack, offset + 10)  # the chunk holding the victim's middle is cut
     damaged.mount()
     assert_eio(damaged.mountpoint / "victim")

@@ -13,32 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
-from fuse_helpers import Mount, describe, random_bytes, run_cli, write_bytes
+from fuse_helpers import (
+    Mount,
+    describe,
+    find_in_packs,
+    flip_byte,
+    random_bytes,
+    run_cli,
+    write_bytes,
+)
 
 pytestmark = pytest.mark.fuse
 
 MiB = 1 << 20
-
-
-def find_in_packs(store: Path, needle: bytes) -> tuple[Path, int]:
-    """The one pack file and offset holding NEEDLE."""
-    hits = []
-    for pack in sorted((store / "packs").glob("*/*.pack")):
-        body = pack.read_bytes()
-        at = body.find(needle)
-        while at >= 0:
-            hits.append((pack, at))
-            at = body.find(needle, at + 1)
-    assert len(hits) == 1, f"expected the needle once in the packs, found {hits}"
-    return hits[0]
-
-
-def flip_byte(pack: Path, offset: int) -> None:
-    with open(pack, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def scrub(target: Path, *args: str) -> tuple[int, dict]:
