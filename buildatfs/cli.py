@@ -167,7 +167,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from buildatfs.store import Store
 
     store = args.store.absolute()
-    mountpoint = args.mountpoint.absolute()
+    mountpoint = args.mountpoint.resolve()  # the kernel records the resolved path
     _check_mountpoint(mountpoint)
     if store.resolve() == mountpoint.resolve() or mountpoint.resolve() in store.resolve().parents:
         raise UserError(f"the store {store} must not be inside its mount point {mountpoint}.")
@@ -190,8 +190,29 @@ def _check_mountpoint(mountpoint: Path) -> None:
                 exit_code=1,
             ) from None
         raise
-    if _find_mount(mountpoint) is not None:
+    store = _find_mount(mountpoint)
+    if store is not None:
+        if not _daemon_running(store):  # the kernel may still answer stat() from its cache
+            raise UserError(
+                f"{mountpoint} is a dead mount; run `buildatfs umount {mountpoint}` first.",
+                exit_code=1,
+            )
         raise UserError(f"{mountpoint} is already a buildatfs mount point.", exit_code=3)
+
+
+def _daemon_running(store: Path) -> bool:
+    """True if a process holds the store's lock (a mount daemon serves it)."""
+    try:
+        fd = os.open(store / "lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _mount_in_background(store: Path, mountpoint: Path, options: list[str], debug: bool) -> int:
@@ -245,7 +266,7 @@ def _mount_in_background(store: Path, mountpoint: Path, options: list[str], debu
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = args.mountpoint.absolute()
+    mountpoint = args.mountpoint.resolve()  # the kernel records the resolved path
     store = _find_mount(mountpoint)
     if store is None:
         raise UserError(f"{mountpoint} is not a buildatfs mount point.")

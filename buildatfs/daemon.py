@@ -56,14 +56,17 @@ def serve(store_path: Path, mountpoint: Path, extra_options: list[str], ready: R
         if not store.is_clean():
             log.warning("%s was not unmounted cleanly; recovering it before mounting.", store_path)
             recovery.recover(store)
-        store.set_clean(False)
         ops = Operations(store)
         try:
             pyfuse3.init(ops, str(mountpoint), fuse_options(store_path, extra_options))
         except RuntimeError as exc:
-            message = f"cannot mount at {mountpoint}: {exc}"
+            message = (
+                f"cannot mount at {mountpoint}: {exc} (an unknown -o option? "
+                f"libfuse says why in {store_path / 'buildatfs.log'})"
+            )
             ready.send(1, message)
             raise UserError(message, exit_code=1) from None
+        store.set_clean(False)
         try:
             trio.run(_serve, ops, mountpoint, ready)
         except BaseException:

@@ -156,6 +156,7 @@ class Operations(pyfuse3.Operations):
         self.gc_lock = trio.Lock()
         self.low_on_space = False
         self.initialized = trio.Event()
+        self.write_failed: set[int] = set()  # inodes whose writes fail until truncated or closed
         self._next_fh = 1
 
     # ---- helpers ------------------------------------------------------------
@@ -231,11 +232,22 @@ class Operations(pyfuse3.Operations):
         st = os.statvfs(self.store.path)
         free = st.f_bavail * st.f_frsize
         reserve = min(SPACE_RESERVE, st.f_blocks * st.f_frsize // 10)
+        was_low = self.low_on_space
         if free > reserve + TOTAL_DIRTY_LIMIT:
             self.low_on_space = False
         else:
             staged = sum(dirty.staged_bytes for dirty in self.dirty.values())
             self.low_on_space = free < reserve + staged
+        if self.low_on_space and not was_low:
+            log.warning(
+                "The disk of %s is full (%d bytes free, %d staged); writes fail with ENOSPC "
+                "until files are deleted or the disk grows.",
+                self.store.path,
+                free,
+                sum(dirty.staged_bytes for dirty in self.dirty.values()),
+            )
+        elif was_low and not self.low_on_space:
+            log.info("The disk of %s has room again; writes are accepted.", self.store.path)
         return self.low_on_space
 
     def init(self) -> None:
@@ -292,6 +304,7 @@ class Operations(pyfuse3.Operations):
         return self._entry(inode, rec)
 
     async def _truncate(self, inode: int, size: int, t: int, explicit_mtime: bool = False) -> None:
+        self.write_failed.discard(inode)
         async with self._lock(inode):
             dirty = self.dirty.get(inode)
             if dirty is not None:
@@ -713,7 +726,12 @@ class Operations(pyfuse3.Operations):
     @handler
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         inode = self.handles[fh]
-        if self.space_low():
+        if inode in self.write_failed or self.space_low():
+            # Once one write of a file failed, the kernel's later write-backs
+            # of that file fail too, so that it ends where it first failed
+            # (as on ext4) instead of holding a hole that reads as zeros.
+            # Truncating the file or closing it lifts this.
+            self.write_failed.add(inode)
             raise FUSEError(errno.ENOSPC)
         # No await from here on: a commit running meanwhile sees this write
         # either wholly or not at all (staging.DirtyFile).
@@ -723,7 +741,12 @@ class Operations(pyfuse3.Operations):
                 size = self._get(txn, inode).size
             path = self.store.staging / str(inode)
             dirty = self.dirty[inode] = DirtyFile(path, size)
-        dirty.write(off, buf)
+        try:
+            dirty.write(off, buf)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.write_failed.add(inode)
+            raise
         if dirty.ranges.total > FILE_DIRTY_LIMIT and not self._lock(inode).locked():
             self._spawn(self._commit_logged, inode)
         return len(buf)
@@ -771,6 +794,7 @@ class Operations(pyfuse3.Operations):
             self.open_count[inode] = left
             return
         del self.open_count[inode]
+        self.write_failed.discard(inode)
         if inode in self.dirty:
             self._spawn(self._commit_logged, inode)
         self._maybe_purge(inode)

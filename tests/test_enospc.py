@@ -58,6 +58,7 @@ def small_mount(small_disk: Path, mountpoint: Path) -> Iterator[Mount]:
     proc = run_cli("init", store)
     assert proc.returncode == 0, describe(proc)
     mnt = Mount(store, mountpoint)
+    mnt.expect_log(r"WARNING .*disk of .* is full")  # once per full-disk episode
     try:
         yield mnt
     finally:
