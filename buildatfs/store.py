@@ -58,8 +58,6 @@ class Store:
         """Create an empty store at *path* (a missing or empty directory)."""
         if path.exists() and not path.is_dir():
             raise UserError(f"{path} is not a directory; give a new or empty directory.")
-        if not path.parent.is_dir():
-            raise UserError(f"{path.parent} does not exist; create it first.")
         if path.exists() and any(path.iterdir()):
             raise UserError(f"{path} is not empty; give a new or empty directory.")
         for sub in ("meta", "packs", "staging"):
