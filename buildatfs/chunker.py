@@ -34,11 +34,15 @@ DEFAULT_PARAMS: Final = ChunkerParams()
 
 @dataclasses.dataclass(slots=True)
 class Piece:
-    """A chunk cut from a buffer: its place in the buffer, id, and data."""
+    """A chunk cut from a buffer: its place in the buffer, id, and data.
+
+    ``data`` is a view into the buffer that was cut (no copy); take
+    ``bytes(piece.data)`` to keep it beyond the buffer's use.
+    """
 
     offset: int
     chunk_id: bytes | None  # None for an all-zero chunk, which is stored as a hole
-    data: bytes
+    data: memoryview
 
 
 class Chunker:
@@ -48,7 +52,7 @@ class Chunker:
             params.avg_size, min_size=params.min_size, max_size=params.max_size
         )
 
-    def cut_sync(self, buf: bytes) -> list[Piece]:
+    def cut_sync(self, buf: bytes | bytearray) -> list[Piece]:
         """Cut *buf* into chunks and hash each one; all-zero chunks get no id.
 
         The last piece ends where *buf* ends, which is a real boundary only if
@@ -58,11 +62,11 @@ class Chunker:
         pieces = []
         view = memoryview(buf)
         for cut in self._cdc.cut_buf(view):
-            data = bytes(view[cut.offset : cut.offset + cut.length])
+            data = view[cut.offset : cut.offset + cut.length]
             chunk_id = None if _is_zero(data) else chunk_id_sync(data)
             pieces.append(Piece(cut.offset, chunk_id, data))
         return pieces
 
 
-def _is_zero(data: bytes) -> bool:
-    return data[:1] == b"\0" and data.count(0) == len(data)
+def _is_zero(data: memoryview) -> bool:
+    return data[:1] == b"\0" and data == bytes(len(data))

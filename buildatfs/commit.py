@@ -155,10 +155,10 @@ class Committer:
             fresh_start = buf_start + len(carry)
             fresh_end = min(fresh_start + WINDOW, end)
             buf = carry + await self.current_bytes(inode, dirty, fresh_start, fresh_end)
-            pieces = await self._offload(self.chunker.cut_sync, bytes(buf), size=len(buf))
+            pieces = await self._offload(self.chunker.cut_sync, buf, size=len(buf))
             if fresh_end < end and len(pieces) > 1:
                 last = pieces.pop()
-                carry = last.data
+                carry = bytes(last.data)
                 next_start = buf_start + last.offset
             else:
                 carry, next_start = b"", fresh_end

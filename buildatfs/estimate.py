@@ -199,7 +199,7 @@ def _region_sync(fd: int, start: int, end: int, chunker: Chunker, tally: _Counte
         pieces = chunker.cut_sync(carry + fresh)
         if fresh_end < end and len(pieces) > 1:
             last = pieces.pop()
-            carry, next_start = last.data, buf_start + last.offset
+            carry, next_start = bytes(last.data), buf_start + last.offset
         else:
             carry, next_start = b"", fresh_end
         _tally_pieces(pieces, tally)
