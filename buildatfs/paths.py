@@ -19,9 +19,9 @@ from typing import Final
 
 import lmdb
 
-from buildatfs import codec, schema
-from buildatfs.errors import ChunkError, ChunkMissing
-from buildatfs.schema import Chunk, Extent, Inode, read_pair, read_u64
+from buildatfs import schema
+from buildatfs.reader import load_chunk_sync
+from buildatfs.schema import Extent, Inode, read_pair, read_u64
 from buildatfs.store import Store
 
 ROOT: Final = schema.ROOT_INODE
@@ -123,39 +123,9 @@ def read_data_sync(
         raise ValueError(f"inode {inode} has {size} bytes, more than {limit}")
     buf = bytearray(size)
     for offset, ext in file_extents(store, txn, inode):
-        data = load_chunk_sync(store, txn, ext.chunk_id)
+        data = load_chunk_sync(store, ext.chunk_id, store.get_chunk(txn, ext.chunk_id))
         buf[offset : offset + ext.length] = data[ext.chunk_offset : ext.chunk_offset + ext.length]
     return bytes(buf)
-
-
-def load_chunk_sync(
-    store: Store, txn: lmdb.Transaction | None, chunk_id: bytes, chunk: Chunk | None = None
-) -> bytes:
-    """Return the raw data of *chunk_id*, read from its pack and checked.
-
-    If the read fails, the chunk is looked up again in a fresh transaction
-    and read once more: garbage collection in a mounted daemon may have moved
-    it and deleted its old pack. Raises ChunkMissing or ChunkCorrupt.
-    """
-    if chunk is None and txn is not None:
-        chunk = store.get_chunk(txn, chunk_id)
-    try:
-        if chunk is None:
-            raise ChunkMissing("the chunk index has no entry for it")
-        return _load_sync(store, chunk_id, chunk)
-    except ChunkError:
-        with store.env.begin() as fresh:
-            moved = store.get_chunk(fresh, chunk_id)
-        if moved is None or (
-            chunk is not None and (moved.pack, moved.offset) == (chunk.pack, chunk.offset)
-        ):
-            raise
-        return _load_sync(store, chunk_id, moved)
-
-
-def _load_sync(store: Store, chunk_id: bytes, chunk: Chunk) -> bytes:
-    record = store.packs.read_sync(chunk.pack, chunk.offset, chunk.record_len)
-    return codec.decode_sync(chunk_id, record)
 
 
 def users_of(

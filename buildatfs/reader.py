@@ -18,7 +18,6 @@ import lmdb
 import trio
 
 from buildatfs import codec
-from buildatfs.chunkstore import PackStore
 from buildatfs.errors import ChunkError, ChunkMissing
 from buildatfs.schema import Chunk
 from buildatfs.store import Store
@@ -96,18 +95,9 @@ class Reader:
         if data is not None:
             return data
         try:
-            try:
-                data = await self._load(chunk_id, chunk)
-            except ChunkError:
-                # Garbage collection may have moved the record since the read
-                # was planned: look again, once.
-                with self.store.env.begin() as txn:
-                    moved = self.store.get_chunk(txn, chunk_id)
-                if moved is None or (
-                    chunk is not None and (moved.pack, moved.offset) == (chunk.pack, chunk.offset)
-                ):
-                    raise
-                data = await self._load(chunk_id, moved)
+            data = await trio.to_thread.run_sync(
+                load_chunk_sync, self.store, chunk_id, chunk, limiter=self.limiter
+            )
         except Exception as exc:
             if chunk_id not in self._reported:
                 self._reported.add(chunk_id)
@@ -122,14 +112,28 @@ class Reader:
         self.cache.put(chunk_id, data)
         return data
 
-    async def _load(self, chunk_id: bytes, chunk: Chunk | None) -> bytes:
+
+def load_chunk_sync(store: Store, chunk_id: bytes, chunk: Chunk | None) -> bytes:
+    """Return the raw data of *chunk_id* from the record *chunk* names, checked.
+
+    If that fails, the chunk is looked up again in a fresh read transaction
+    and read once more: garbage collection may have moved it and deleted its
+    old pack since the caller looked. Raises ChunkMissing or ChunkCorrupt.
+    """
+    try:
         if chunk is None:
             raise ChunkMissing("the chunk index has no entry for it")
-        return await trio.to_thread.run_sync(
-            _load_sync, self.store.packs, chunk_id, chunk, limiter=self.limiter
-        )
+        return _read_record_sync(store, chunk_id, chunk)
+    except ChunkError:
+        with store.env.begin() as txn:
+            moved = store.get_chunk(txn, chunk_id)
+        if moved is None or (
+            chunk is not None and (moved.pack, moved.offset) == (chunk.pack, chunk.offset)
+        ):
+            raise
+        return _read_record_sync(store, chunk_id, moved)
 
 
-def _load_sync(packs: PackStore, chunk_id: bytes, chunk: Chunk) -> bytes:
-    record = packs.read_sync(chunk.pack, chunk.offset, chunk.record_len)
+def _read_record_sync(store: Store, chunk_id: bytes, chunk: Chunk) -> bytes:
+    record = store.packs.read_sync(chunk.pack, chunk.offset, chunk.record_len)
     return codec.decode_sync(chunk_id, record)
