@@ -2,16 +2,25 @@
 
 Committing a file re-chunks only the regions its writes touched, widened to
 the committed extents they overlap (content-defined boundaries fall back in
-step within a chunk or two, so a small write into a large file costs in
-proportion to the write). Chunking, hashing and compression run in worker
-threads; the index changes in one LMDB write transaction at the end, after the
-chunk records are in a pack ("data before references").
+step within a chunk or two, so a write into a large file costs in proportion
+to the write). Chunking, hashing and compression run in worker threads; the
+index changes in one LMDB write transaction at the end, after the chunk
+records are in a pack ("data before references").
+
+A small overwrite inside committed data (less than an average chunk) is not
+widened: its bytes become a chunk of their own and the old extents are split
+around it, which costs the write's size instead of a whole chunk's. That
+leaves the file fragmented (extents naming parts of chunks, chunks below the
+minimum size, dedup boundaries out of step), so once the file has been quiet
+for a while `defragment` re-chunks those regions with widening, and the old
+chunks' unused parts become garbage.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
@@ -49,6 +58,7 @@ class Plan:
     """What one commit will write into the index."""
 
     regions: list[tuple[int, int]]
+    fragmenting: bool = False  # some region is a small overwrite, not widened
     extents: list[tuple[int, bytes, int]] = dataclasses.field(default_factory=list)
     stored: dict[bytes, Stored] = dataclasses.field(default_factory=dict)
 
@@ -70,11 +80,17 @@ class Committer:
         # shares that record instead of writing it a second time.
         self._storing: dict[bytes, trio.Event] = {}
         self._unindexed: dict[bytes, Stored] = {}
+        # inode -> time.monotonic() of the last commit that left fragments
+        self.fragmented: dict[int, float] = {}
 
-    async def commit(self, inode: int, dirty: DirtyFile, ranges: Ranges, size: int) -> bool:
+    async def commit(
+        self, inode: int, dirty: DirtyFile | None, ranges: Ranges, size: int, *,
+        split: bool = True,
+    ) -> bool:
         """Commit the staged *ranges* of *dirty*, with the file at *size*, into
         the index; the caller holds the inode's lock, so no truncation or other
-        commit runs meanwhile (writes may).
+        commit runs meanwhile (writes may). With *split* false, every range is
+        widened to whole chunks, small overwrites too.
 
         Returns False if the inode no longer exists (its data is then dead).
         Awaits worker threads; raises ChunkError if old data cannot be read.
@@ -84,7 +100,7 @@ class Committer:
         self._running.add(ticket)
         owned: set[bytes] = set()
         try:
-            return await self._commit(inode, dirty, ranges, size, owned)
+            return await self._commit(inode, dirty, ranges, size, owned, split)
         finally:
             self._running.discard(ticket)
             for chunk_id in owned:
@@ -97,41 +113,88 @@ class Committer:
             await trio.sleep(0.05)
 
     async def _commit(
-        self, inode: int, dirty: DirtyFile, ranges: Ranges, size: int, owned: set[bytes]
+        self, inode: int, dirty: DirtyFile | None, ranges: Ranges, size: int,
+        owned: set[bytes], split: bool,
     ) -> bool:
         for _ in range(_RETRIES):
             with self.store.env.begin() as txn:
                 if self.store.get_inode(txn, inode) is None:
                     return False
-                plan = Plan(self._regions(txn, inode, ranges, size))
+                plan = self._plan(txn, inode, ranges, size, split)
             for start, end in plan.regions:
                 await self._chunk_region(inode, dirty, start, end, plan, owned)
             faults.point("commit:chunks-written")
             try:
                 with self.store.env.begin(write=True) as txn:
-                    return self._apply(txn, inode, size, plan)
+                    applied = self._apply(txn, inode, size, plan)
             except ChunkVanished:
                 log.debug("A chunk vanished during the commit of inode %d; retrying", inode)
+                continue
+            if applied and plan.fragmenting:
+                self.fragmented[inode] = time.monotonic()
+            return applied
         raise RuntimeError(f"commit of inode {inode} kept racing with deletions")
 
-    def _regions(
-        self, txn: lmdb.Transaction, inode: int, ranges: Ranges, size: int
-    ) -> list[tuple[int, int]]:
-        """Widen each dirty range to the committed extents it overlaps."""
-        regions: list[tuple[int, int]] = []
+    def _plan(
+        self, txn: lmdb.Transaction, inode: int, ranges: Ranges, size: int, split: bool
+    ) -> Plan:
+        """Widen each dirty range to the committed extents it overlaps, except
+        (with *split*) small overwrites that lie inside committed data."""
+        plan = Plan([])
+        small = self.chunker.params.avg_size
         for start, end in ranges:
             first = next(self.store.extents(txn, inode, start, start + 1), None)
-            if first is not None:
-                start = min(start, first[0])
             last = next(self.store.extents(txn, inode, end - 1, end), None)
-            if last is not None:
-                end = max(end, last[0] + last[1].length)
+            if split and end - start < small and first is not None and last is not None:
+                plan.fragmenting = True
+            else:
+                if first is not None:
+                    start = min(start, first[0])
+                if last is not None:
+                    end = max(end, last[0] + last[1].length)
             end = min(end, size)
+            regions = plan.regions
             if regions and start <= regions[-1][1]:
                 regions[-1] = (regions[-1][0], max(end, regions[-1][1]))
             elif start < end:
                 regions.append((start, end))
-        return regions
+        return plan
+
+    def fragments(self, txn: lmdb.Transaction, inode: int, size: int) -> Ranges:
+        """The parts of a file that small overwrites left fragmented: extents
+        naming part of a chunk, and chunks below the minimum size that are not
+        the file's tail, each with one neighbouring extent on either side so
+        that re-chunking falls back onto content-defined boundaries."""
+        out = Ranges()
+        extents = list(self.store.extents(txn, inode, 0, size))
+        for i, (offset, ext) in enumerate(extents):
+            chunk = self.store.get_chunk(txn, ext.chunk_id)
+            if chunk is None:
+                continue  # fsck's business; re-chunking could not read it
+            partial = ext.chunk_offset != 0 or ext.length != chunk.raw_len
+            tiny = chunk.raw_len < self.chunker.params.min_size and i + 1 < len(extents)
+            if partial or tiny:
+                lo = extents[max(i - 1, 0)][0]
+                hi_offset, hi_ext = extents[min(i + 1, len(extents) - 1)]
+                out.add(lo, hi_offset + hi_ext.length)
+        return out
+
+    async def defragment(self, inode: int) -> None:
+        """Re-chunk the fragmented parts of *inode*'s committed data with
+        widening. The caller holds the inode's lock and has no staged data of
+        it: the bytes re-chunked are the committed ones."""
+        self.fragmented.pop(inode, None)
+        with self.store.env.begin() as txn:
+            rec = self.store.get_inode(txn, inode)
+            if rec is None:
+                return
+            ranges = self.fragments(txn, inode, rec.size)
+        if ranges and await self.commit(inode, None, ranges, rec.size, split=False):
+            log.info(
+                "Re-chunked %d bytes of inode %d that small overwrites had fragmented.",
+                ranges.total,
+                inode,
+            )
 
     async def current_bytes(
         self, inode: int, dirty: DirtyFile | None, start: int, end: int
@@ -147,7 +210,8 @@ class Committer:
         return buf
 
     async def _chunk_region(
-        self, inode: int, dirty: DirtyFile, start: int, end: int, plan: Plan, owned: set[bytes]
+        self, inode: int, dirty: DirtyFile | None, start: int, end: int, plan: Plan,
+        owned: set[bytes],
     ) -> None:
         """Cut [start, end) into chunks, store the new ones, add extents to *plan*."""
         buf_start, carry = start, b""

@@ -50,6 +50,7 @@ FILE_DIRTY_LIMIT: Final = 64 * 1024 * 1024
 TOTAL_DIRTY_LIMIT: Final = 512 * 1024 * 1024
 CHECKPOINT_INTERVAL: Final = 5.0
 GC_INTERVAL: Final = 10.0
+DEFRAGMENT_IDLE: Final = 10.0  # seconds a fragmented file stays quiet before re-chunking
 SPACE_RESERVE: Final = 64 * 1024 * 1024
 XATTR_SIZE_MAX: Final = 65536
 RENAME_WHITEOUT: Final = 4
@@ -776,6 +777,18 @@ class Operations(pyfuse3.Operations):
                 faults.point("commit:staging-removed")
         self._changed()
 
+    async def _defragment(self, inode: int) -> None:
+        """Re-chunk what small overwrites left fragmented, unless the file has
+        been written again meanwhile (it is then retried after that commit)."""
+        async with self._lock(inode):
+            if inode in self.dirty:
+                return
+            try:
+                await self.committer.defragment(inode)
+            except Exception:
+                log.exception("Re-chunking inode %d failed; its data stays as it is", inode)
+        self._changed()
+
     async def _commit_logged(self, inode: int) -> None:
         try:
             await self.commit(inode)
@@ -843,6 +856,10 @@ class Operations(pyfuse3.Operations):
                 idle = now - dirty.last_write > IDLE_COMMIT
                 if idle and not self._lock(inode).locked():
                     self._spawn(self._commit_logged, inode)
+            for inode, when in list(self.committer.fragmented.items()):
+                quiet = now - when > DEFRAGMENT_IDLE and inode not in self.dirty
+                if quiet and not self._lock(inode).locked():
+                    self._spawn(self._defragment, inode)
             if total > TOTAL_DIRTY_LIMIT and self.dirty:
                 biggest = max(self.dirty, key=lambda i: self.dirty[i].ranges.total)
                 self._spawn(self._commit_logged, biggest)
