@@ -84,7 +84,12 @@ class Committer:
         self.fragmented: dict[int, float] = {}
 
     async def commit(
-        self, inode: int, dirty: DirtyFile | None, ranges: Ranges, size: int, *,
+        self,
+        inode: int,
+        dirty: DirtyFile | None,
+        ranges: Ranges,
+        size: int,
+        *,
         split: bool = True,
     ) -> bool:
         """Commit the staged *ranges* of *dirty*, with the file at *size*, into
@@ -113,8 +118,13 @@ class Committer:
             await trio.sleep(0.05)
 
     async def _commit(
-        self, inode: int, dirty: DirtyFile | None, ranges: Ranges, size: int,
-        owned: set[bytes], split: bool,
+        self,
+        inode: int,
+        dirty: DirtyFile | None,
+        ranges: Ranges,
+        size: int,
+        owned: set[bytes],
+        split: bool,
     ) -> bool:
         for _ in range(_RETRIES):
             with self.store.env.begin() as txn:
@@ -167,7 +177,7 @@ class Committer:
         that re-chunking falls back onto content-defined boundaries."""
         out = Ranges()
         extents = list(self.store.extents(txn, inode, 0, size))
-        for i, (offset, ext) in enumerate(extents):
+        for i, (_, ext) in enumerate(extents):
             chunk = self.store.get_chunk(txn, ext.chunk_id)
             if chunk is None:
                 continue  # fsck's business; re-chunking could not read it
@@ -210,27 +220,49 @@ class Committer:
         return buf
 
     async def _chunk_region(
-        self, inode: int, dirty: DirtyFile | None, start: int, end: int, plan: Plan,
+        self,
+        inode: int,
+        dirty: DirtyFile | None,
+        start: int,
+        end: int,
+        plan: Plan,
         owned: set[bytes],
     ) -> None:
-        """Cut [start, end) into chunks, store the new ones, add extents to *plan*."""
-        buf_start, carry = start, b""
-        while buf_start < end:
-            fresh_start = buf_start + len(carry)
-            fresh_end = min(fresh_start + WINDOW, end)
-            buf = carry + await self.current_bytes(inode, dirty, fresh_start, fresh_end)
-            pieces = await self._offload(self.chunker.cut_sync, buf, size=len(buf))
-            if fresh_end < end and len(pieces) > 1:
-                last = pieces.pop()
-                carry = bytes(last.data)
-                next_start = buf_start + last.offset
-            else:
-                carry, next_start = b"", fresh_end
-            await self._store_new(pieces, plan, owned)
-            for piece in pieces:
-                if piece.chunk_id is not None:
-                    plan.extents.append((buf_start + piece.offset, piece.chunk_id, len(piece.data)))
-            buf_start = next_start
+        """Cut [start, end) into chunks, store the new ones, add extents to *plan*.
+
+        A pipeline of two steps: while one window's new chunks are compressed
+        and appended, the next window is read and cut, so that no core waits
+        for the other step.
+        """
+        send, receive = trio.open_memory_channel[tuple[int, list]](1)
+
+        async def cut_windows() -> None:
+            async with send:
+                buf_start, carry = start, b""
+                while buf_start < end:
+                    fresh_start = buf_start + len(carry)
+                    fresh_end = min(fresh_start + WINDOW, end)
+                    buf = carry + await self.current_bytes(inode, dirty, fresh_start, fresh_end)
+                    pieces = await self._offload(self.chunker.cut_sync, buf, size=len(buf))
+                    if fresh_end < end and len(pieces) > 1:
+                        last = pieces.pop()
+                        carry = bytes(last.data)
+                        next_start = buf_start + last.offset
+                    else:
+                        carry, next_start = b"", fresh_end
+                    await send.send((buf_start, pieces))
+                    buf_start = next_start
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cut_windows)
+            async with receive:
+                async for buf_start, pieces in receive:
+                    await self._store_new(pieces, plan, owned)
+                    for piece in pieces:
+                        if piece.chunk_id is not None:
+                            plan.extents.append(
+                                (buf_start + piece.offset, piece.chunk_id, len(piece.data))
+                            )
 
     async def _store_new(self, pieces: list, plan: Plan, owned: set[bytes]) -> None:
         """Store the chunks of *pieces* that neither the index nor another

@@ -130,10 +130,11 @@ def _raise_readahead(mountpoint: Path) -> None:
 
 
 async def _collect_on_signal(ops: Operations) -> None:
-    """On SIGUSR1 (sent by `buildatfs gc`), run a full pass at full speed."""
-    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
-        async for _ in signals:
-            report = await ops.collect_garbage(None, 0.0)
+    """On SIGUSR1 (sent by `buildatfs gc`), run a full pass at full speed; on
+    SIGUSR2 (`buildatfs gc --compact`), compact every cold pack too."""
+    with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGUSR2) as signals:
+        async for signum in signals:
+            report = await ops.collect_garbage(None, 0.0, compact_all=signum == signal.SIGUSR2)
             gc.write_report(ops.store, report)
 
 

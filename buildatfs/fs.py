@@ -32,7 +32,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FUSEError, InodeT
 
-from buildatfs import faults, gc, schema
+from buildatfs import compact, faults, gc, schema
 from buildatfs.commit import Committer
 from buildatfs.errors import ChunkError
 from buildatfs.reader import Reader
@@ -51,6 +51,11 @@ TOTAL_DIRTY_LIMIT: Final = 512 * 1024 * 1024
 CHECKPOINT_INTERVAL: Final = 5.0
 GC_INTERVAL: Final = 10.0
 DEFRAGMENT_IDLE: Final = 10.0  # seconds a fragmented file stays quiet before re-chunking
+COMPACT_IDLE: Final = 60.0  # seconds without writes before cold packs are compacted
+COMPACT_RATE: Final = 16 * 1024 * 1024  # bytes per second compaction reads at most
+# When idle, the open pack is sealed for compaction only once it holds this
+# much, so that quiet spells do not leave many small packs behind.
+COMPACT_SEAL_FROM: Final = 16 * 1024 * 1024
 SPACE_RESERVE: Final = 64 * 1024 * 1024
 XATTR_SIZE_MAX: Final = 65536
 RENAME_WHITEOUT: Final = 4
@@ -155,6 +160,9 @@ class Operations(pyfuse3.Operations):
         self.nursery: trio.Nursery | None = None
         self.changed_since_sync = False
         self.gc_lock = trio.Lock()
+        self.compactor = compact.Compactor(store)
+        self.last_write = time.monotonic()
+        self.compaction_done = False  # until the next write
         self.low_on_space = False
         self.initialized = trio.Event()
         self.write_failed: set[int] = set()  # inodes whose writes fail until truncated or closed
@@ -736,6 +744,8 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENOSPC)
         # No await from here on: a commit running meanwhile sees this write
         # either wholly or not at all (staging.DirtyFile).
+        self.last_write = time.monotonic()
+        self.compaction_done = False
         dirty = self.dirty.get(inode)
         if dirty is None:
             with self.store.env.begin() as txn:
@@ -850,6 +860,9 @@ class Operations(pyfuse3.Operations):
                 last_gc = now
                 self._retry_purges()
                 self._spawn(self.collect_garbage, gc.RATE, gc.DEAD_SHARE)
+            quiet = now - self.last_write > COMPACT_IDLE and not self.dirty
+            if quiet and not self.compaction_done and not self.gc_lock.locked():
+                self._spawn(self.compact_idle)
             total = 0
             for inode, dirty in list(self.dirty.items()):
                 total += dirty.staged_bytes
@@ -878,14 +891,38 @@ class Operations(pyfuse3.Operations):
             if not self.lookups.get(inode) and not self.open_count.get(inode):
                 self._spawn(self._purge, inode)
 
-    async def collect_garbage(self, rate: float | None, share: float) -> gc.Report:
-        """Run one garbage collection pass (one at a time)."""
+    async def collect_garbage(
+        self, rate: float | None, share: float, compact_all: bool = False
+    ) -> gc.Report:
+        """Run one garbage collection pass (one at a time), then, with
+        *compact_all*, compact every cold pack that qualifies."""
         async with self.gc_lock:
             try:
-                return await gc.run_pass(self.store, rate, share, settle=self.committer.settle)
+                report = await gc.run_pass(self.store, rate, share, settle=self.committer.settle)
+                if compact_all:
+                    report.add(await self.compactor.run(rate, settle=self.committer.settle))
+                return report
             except Exception:
                 log.exception("Garbage collection failed; it is retried later")
                 return gc.Report()
+
+    async def compact_idle(self) -> None:
+        """Compact one cold pack while nothing is written; once none is
+        left, rest until the next write."""
+        async with self.gc_lock:
+            started = self.last_write
+            try:
+                report = await self.compactor.run(
+                    COMPACT_RATE,
+                    settle=self.committer.settle,
+                    max_packs=1,
+                    seal_from=COMPACT_SEAL_FROM,
+                )
+            except Exception:
+                log.exception("Compaction failed; it is retried later")
+                return
+            if not report.packs_removed and self.last_write == started:
+                self.compaction_done = True
 
     async def commit_all(self) -> None:
         """Commit every staged file (used at unmount)."""

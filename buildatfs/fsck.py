@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lmdb
 
-from buildatfs import codec, paths, recovery, schema
+from buildatfs import paths, recovery, schema
 from buildatfs.errors import ChunkError, UserError
 from buildatfs.schema import Extent, Inode, pair, read_pair, read_u64, u64
 from buildatfs.store import Store, now_ns
@@ -249,8 +249,7 @@ class Checker:
                 self.damaged.append(key)
             elif self.verify_data:
                 try:
-                    record = self.store.packs.read_sync(chunk.pack, chunk.offset, chunk.record_len)
-                    codec.decode_sync(key, record)
+                    self.store.read_chunk_sync(key, chunk)
                 except ChunkError as exc:
                     self.found(
                         "chunks", f"chunk {key.hex()[:16]} is damaged: {exc}", repairable=False

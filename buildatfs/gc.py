@@ -66,14 +66,14 @@ def candidates(store: Store, share: float = DEAD_SHARE) -> list[int]:
     return [pack for _, pack in sorted(found, reverse=True)]
 
 
-def _scan_sync(store: Store, pack: int, size: int) -> list[tuple[int, bytes, int]]:
-    """Return (offset, chunk id, record length) of every record in *pack*."""
+def scan_sync(store: Store, pack: int, size: int) -> list[tuple[int, bytes, int, int]]:
+    """Return (offset, chunk id, record length, codec) of every record in *pack*."""
     records = []
     offset = 0
     while offset + codec.HEADER.size <= size:
         header = store.packs.read_sync(pack, offset, codec.HEADER.size)
         try:
-            _, _, body_len, chunk_id = codec.parse_header(header)
+            kind, _, body_len, chunk_id = codec.parse_header(header)
         except ChunkCorrupt:
             log.error(
                 "Pack %d has a damaged record header at offset %d; the rest of it "
@@ -83,44 +83,90 @@ def _scan_sync(store: Store, pack: int, size: int) -> list[tuple[int, bytes, int
             )
             return []
         length = codec.HEADER.size + body_len
-        records.append((offset, chunk_id, length))
+        records.append((offset, chunk_id, length, kind))
         offset += length
     return records
 
 
-def _copy_sync(
-    store: Store, pack: int, batch: list[tuple[int, bytes, int]]
-) -> list[tuple[int, int]]:
-    records = [store.packs.read_sync(pack, offset, length) for offset, _, length in batch]
-    return store.packs.append_sync(records)
+def live_records(
+    store: Store, pack: int, records: list[tuple[int, bytes, int, int]]
+) -> list[tuple[int, bytes, int, int]]:
+    """The records of *pack* that the chunk index names."""
+    with store.env.begin() as txn:
+        live = []
+        for record in records:
+            chunk = store.get_chunk(txn, record[1])
+            if chunk is not None and chunk.pack == pack and chunk.offset == record[0]:
+                live.append(record)
+    return live
 
 
-async def collect_pack(store: Store, pack: int, rate: float | None = RATE) -> Report:
+Transform = Callable[[bytes, bytes], bytes]
+
+
+def _read_sync(
+    store: Store, pack: int, batch: list[tuple[int, bytes, int, int]], transform: Transform | None
+) -> list[bytes]:
+    records = [store.packs.read_sync(pack, offset, length) for offset, _, length, _ in batch]
+    if transform is not None:
+        records = [transform(cid, rec) for (_, cid, _, _), rec in zip(batch, records, strict=True)]
+    return records
+
+
+async def _read_batch(
+    store: Store,
+    pack: int,
+    batch: list[tuple[int, bytes, int, int]],
+    transform: Transform | None,
+    threads: int,
+) -> tuple[list[tuple[int, bytes, int, int]], list[bytes]]:
+    """Read (and transform) *batch* in *threads* worker threads at once;
+    return the batch in the order of the records read, and the records."""
+    shares = [batch[j::threads] for j in range(threads)]
+    outputs: list[list[bytes]] = [[] for _ in shares]
+
+    async def run_share(j: int) -> None:
+        outputs[j] = await trio.to_thread.run_sync(_read_sync, store, pack, shares[j], transform)
+
+    async with trio.open_nursery() as nursery:
+        for j in range(threads):
+            nursery.start_soon(run_share, j)
+    return [rec for share in shares for rec in share], [rec for out in outputs for rec in out]
+
+
+async def collect_pack(
+    store: Store,
+    pack: int,
+    rate: float | None = RATE,
+    transform: Transform | None = None,
+    threads: int = 1,
+) -> Report:
     """Move the live records of *pack* to the open pack and delete it.
 
-    Awaits worker threads; copies at most *rate* bytes per second (None: no limit).
+    *transform* (chunk id, record) -> record, if given, re-encodes each record
+    on the way, in *threads* worker threads at once (compaction). Awaits
+    worker threads; reads at most *rate* bytes per second (None: no limit).
     """
     with store.env.begin() as txn:
         size, _ = store.pack_record(txn, pack)
-    records = await trio.to_thread.run_sync(_scan_sync, store, pack, size)
+    records = await trio.to_thread.run_sync(scan_sync, store, pack, size)
     if not records and size:
         return Report()
-    with store.env.begin() as txn:
-        live = []
-        for offset, chunk_id, length in records:
-            chunk = store.get_chunk(txn, chunk_id)
-            if chunk is not None and chunk.pack == pack and chunk.offset == offset:
-                live.append((offset, chunk_id, length))
+    live = live_records(store, pack, records)
     moved: list[tuple[int, bytes, int, tuple[int, int]]] = []
     started = time.monotonic()
-    copied = 0
+    read = copied = 0
     for i in range(0, len(live), 64):
-        batch = live[i : i + 64]
-        places = await trio.to_thread.run_sync(_copy_sync, store, pack, batch)
-        moved += [(o, c, n, p) for (o, c, n), p in zip(batch, places, strict=True)]
-        copied += sum(n for _, _, n in batch)
+        batch, new_records = await _read_batch(store, pack, live[i : i + 64], transform, threads)
+        places = await trio.to_thread.run_sync(store.packs.append_sync, new_records)
+        moved += [
+            (offset, cid, len(rec), place)
+            for (offset, cid, _, _), rec, place in zip(batch, new_records, places, strict=True)
+        ]
+        read += sum(length for _, _, length, _ in batch)
+        copied += sum(len(rec) for rec in new_records)
         if rate:
-            await trio.sleep(max(0.0, copied / rate - (time.monotonic() - started)))
+            await trio.sleep(max(0.0, read / rate - (time.monotonic() - started)))
     await trio.to_thread.run_sync(store.packs.flush_sync)
     faults.point("gc:copied")
     report = Report(packs_removed=1, chunks_moved=len(moved), bytes_moved=copied)
@@ -129,7 +175,7 @@ async def collect_pack(store: Store, pack: int, rate: float | None = RATE) -> Re
             store.note_pack_end(txn, new_pack, new_offset + length)
             chunk = store.get_chunk(txn, chunk_id)
             if chunk is not None and chunk.pack == pack and chunk.offset == offset:
-                chunk.pack, chunk.offset = new_pack, new_offset
+                chunk.pack, chunk.offset, chunk.record_len = new_pack, new_offset, length
                 txn.put(chunk_id, chunk.pack_value(), db=store.dbs["chunks"])
             else:
                 store.add_dead(txn, new_pack, length)
@@ -150,16 +196,17 @@ async def run_pass(
 ) -> Report:
     """Collect every pack whose dead share is at least *share*.
 
-    If the open pack qualifies it is sealed first; *settle* must then wait
-    until every commit that may still be appending to it has finished, since
-    its records are not yet named by the index.
+    If the open pack qualifies it is sealed first. *settle* must wait until
+    every commit that started before has finished: such a commit may have
+    records that the index does not name yet in a chosen pack (the open one,
+    or one that was rotated out under it).
     """
     total = Report()
     packs = candidates(store, share)
     if store.packs.current in packs:
         store.packs.seal()
-        if settle is not None:
-            await settle()
+    if packs and settle is not None:
+        await settle()
     for pack in packs:
         total.add(await collect_pack(store, pack, rate))
     if total.packs_removed:

@@ -17,7 +17,6 @@ from typing import Final
 import lmdb
 import trio
 
-from buildatfs import codec
 from buildatfs.errors import ChunkError, ChunkMissing
 from buildatfs.schema import Chunk
 from buildatfs.store import Store
@@ -123,7 +122,7 @@ def load_chunk_sync(store: Store, chunk_id: bytes, chunk: Chunk | None) -> bytes
     try:
         if chunk is None:
             raise ChunkMissing("the chunk index has no entry for it")
-        return _read_record_sync(store, chunk_id, chunk)
+        return store.read_chunk_sync(chunk_id, chunk)
     except ChunkError:
         with store.env.begin() as txn:
             moved = store.get_chunk(txn, chunk_id)
@@ -131,9 +130,4 @@ def load_chunk_sync(store: Store, chunk_id: bytes, chunk: Chunk | None) -> bytes
             chunk is not None and (moved.pack, moved.offset) == (chunk.pack, chunk.offset)
         ):
             raise
-        return _read_record_sync(store, chunk_id, moved)
-
-
-def _read_record_sync(store: Store, chunk_id: bytes, chunk: Chunk) -> bytes:
-    record = store.packs.read_sync(chunk.pack, chunk.offset, chunk.record_len)
-    return codec.decode_sync(chunk_id, record)
+        return store.read_chunk_sync(chunk_id, moved)

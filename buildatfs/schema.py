@@ -20,6 +20,9 @@ Sub-databases
     ``clean``       b"1" when the last mount ended cleanly, b"0" while mounted
     ``next_inode``  u64, the next inode number to hand out (never reused)
     ``next_cookie`` u64, the next readdir cookie to hand out (never reused)
+    ``dict:<id>``   a zstd dictionary that compacted chunk records name by
+    that id (decimal ASCII; see codec.py); never removed while a record may
+    use it.
     counters (u64): ``logical_bytes`` (sum of sizes of regular files, each inode
     once), ``unique_bytes`` (sum of raw lengths of live chunks), ``chunks``,
     ``files`` (regular-file inodes), ``directories``, ``inodes``.

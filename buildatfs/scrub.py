@@ -3,7 +3,7 @@
 `scrub` walks the ``chunks`` sub-database in batches, each in its own short
 read transaction (a long one would keep a mounted daemon's LMDB from reusing
 pages), reads each chunk's record from its pack in pack order and checks it
-with `codec.decode_sync`. Reading is paced to a rate in bytes per second so
+with `Store.read_chunk_sync`. Reading is paced to a rate in bytes per second so
 that a scrub beside a busy mount leaves it disk time.
 
 Garbage collection in a mounted daemon may move a chunk and delete its pack
@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from buildatfs import codec
 from buildatfs.errors import ChunkError, ChunkMissing
 from buildatfs.paths import Tree, users_of
 from buildatfs.schema import Chunk
@@ -128,7 +127,7 @@ def _check_sync(
 ) -> Damage | None:
     """Read and verify one chunk; return its Damage, or None if it is sound or gone."""
     try:
-        data = _verify_sync(store, chunk_id, chunk)
+        data = store.read_chunk_sync(chunk_id, chunk)
     except ChunkError as exc:
         # Garbage collection may have moved it, or it was deleted: look again.
         with store.env.begin() as txn:
@@ -146,11 +145,6 @@ def _check_sync(
     state.bytes_read += chunk.record_len
     state.raw_bytes += len(data)
     return None
-
-
-def _verify_sync(store: Store, chunk_id: bytes, chunk: Chunk) -> bytes:
-    record = store.packs.read_sync(chunk.pack, chunk.offset, chunk.record_len)
-    return codec.decode_sync(chunk_id, record)
 
 
 def _pace(state: Progress, rate: float) -> None:

@@ -19,7 +19,7 @@ from typing import Final
 
 import lmdb
 
-from buildatfs import schema
+from buildatfs import codec, schema
 from buildatfs.chunker import DEFAULT_PARAMS, ChunkerParams
 from buildatfs.chunkstore import LocalPackStore
 from buildatfs.errors import StoreBusy, UserError
@@ -28,6 +28,7 @@ from buildatfs.schema import Chunk, Extent, Inode, pair, read_pair, read_u64, u6
 log = logging.getLogger(__name__)
 
 MAP_SIZE: Final = 1 << 40  # address space only; the file grows with its content
+DICT_PREFIX: Final = b"dict:"
 
 
 def now_ns() -> int:
@@ -49,7 +50,15 @@ class Store:
         self._lock_fd = -1
         with env.begin() as txn:
             raw = txn.get(b"chunker", db=self.dbs["meta"])
+            cur = txn.cursor(db=self.dbs["meta"])
+            found = {}
+            if cur.set_range(DICT_PREFIX):
+                for key, value in cur:
+                    if not key.startswith(DICT_PREFIX):
+                        break
+                    found[int(key[len(DICT_PREFIX) :])] = value
         self.params = ChunkerParams.from_json(raw) if raw else DEFAULT_PARAMS
+        self.dicts = codec.Dictionaries(found)
 
     # ---- opening and closing ------------------------------------------------
 
@@ -303,6 +312,17 @@ class Store:
 
     def put_extent(self, txn: lmdb.Transaction, inode: int, offset: int, ext: Extent) -> None:
         txn.put(pair(inode, offset), ext.pack(), db=self.dbs["extents"])
+
+    def put_dictionary(self, txn: lmdb.Transaction, dict_id: int, data: bytes) -> None:
+        """Keep a zstd dictionary that compacted records may name (codec.py)."""
+        txn.put(DICT_PREFIX + str(dict_id).encode(), data, db=self.dbs["meta"])
+        self.dicts.add(dict_id, data)
+
+    def read_chunk_sync(self, chunk_id: bytes, chunk: Chunk) -> bytes:
+        """Read the record *chunk* names and return its checked raw data;
+        raises ChunkCorrupt."""
+        record = self.packs.read_sync(chunk.pack, chunk.offset, chunk.record_len)
+        return codec.decode_sync(chunk_id, record, self.dicts)
 
     def get_chunk(self, txn: lmdb.Transaction, chunk_id: bytes) -> Chunk | None:
         raw = txn.get(chunk_id, db=self.dbs["chunks"])
