@@ -40,9 +40,9 @@ from buildatfs.store import Store
 log = logging.getLogger(__name__)
 
 CANDIDATE_SHARE: Final = 0.25
-DICT_SIZE: Final = 512 * 1024
+DICT_SIZE: Final = 1024 * 1024
 MIN_CHUNKS: Final = 256  # fewer chunks than this teach a dictionary too little
-SAMPLE_CHUNKS: Final = 4000
+SAMPLE_CHUNKS: Final = 8000
 SAMPLE_BYTES: Final = 16 * 1024  # of each sampled chunk, its first bytes
 
 

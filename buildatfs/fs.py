@@ -55,7 +55,7 @@ COMPACT_IDLE: Final = 60.0  # seconds without writes before cold packs are compa
 COMPACT_RATE: Final = 16 * 1024 * 1024  # bytes per second compaction reads at most
 # When idle, the open pack is sealed for compaction only once it holds this
 # much, so that quiet spells do not leave many small packs behind.
-COMPACT_SEAL_FROM: Final = 16 * 1024 * 1024
+COMPACT_SEAL_FROM: Final = 4 * 1024 * 1024
 SPACE_RESERVE: Final = 64 * 1024 * 1024
 XATTR_SIZE_MAX: Final = 65536
 RENAME_WHITEOUT: Final = 4

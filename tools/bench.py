@@ -637,10 +637,15 @@ def workload_dedup(bfs: Buildatfs, tars: list[Path], whls: list[Path], res: Resu
             z.extractall(bfs.root / "wheels" / whl.stem)
     bfs.note_rss()
     bfs.stop()
+    fresh = bfs.stats()
+    say("dedup: compacting the store (buildatfs gc --compact)")
+    compact_seconds = timed(run, bfs.cli("gc", "--compact", str(bfs.store)), cwd=REPO,
+                            stdout=subprocess.DEVNULL)
     stats = bfs.stats()
     names = ", ".join([t.stem for t in tars] + [w.name.split("-py")[0] for w in whls])
     return {"trees": names, "files": files, "logical": logical, "baseline": baseline,
-            "unique_files": len(seen), "stats": stats}
+            "unique_files": len(seen), "stats": stats, "fresh": fresh,
+            "compact_seconds": compact_seconds}
 
 
 # ---- the report ---------------------------------------------------------------
@@ -740,15 +745,20 @@ def render(res: Results, targets: list[Target], bfs: Buildatfs, dedup: dict | No
         lines.append(f"| daemon peak RSS (VmHWM; MiB per workload: {per}) | {peak / MIB:.0f} MiB "
                      f"| ≤ 300 MB | {verdict(peak / 1e6, '<=', 300)} |")
     if dedup is not None:
-        st = dedup["stats"]
+        st, fresh = dedup["stats"], dedup["fresh"]
         stored = st["stored_bytes"]
         lines.append(
-            f"| stored bytes ({stored / MIB:.1f} MiB packs) ÷ file-level dedup + zstd-3 per "
-            f"file ({dedup['baseline'] / MIB:.1f} MiB) | {stored / dedup['baseline']:.3f}× "
-            f"| ≤ 0.9× | {verdict(stored / dedup['baseline'], '<=', 0.9)} |")
+            f"| stored bytes after compaction ({stored / MIB:.1f} MiB packs) ÷ file-level "
+            f"dedup + zstd-3 per file ({dedup['baseline'] / MIB:.1f} MiB) | "
+            f"{stored / dedup['baseline']:.3f}× | ≤ 0.9× | "
+            f"{verdict(stored / dedup['baseline'], '<=', 0.9)} |")
         lines.append(
             f"| same, counting the LMDB index ({st['metadata_bytes'] / MIB:.1f} MiB) | "
             f"{(stored + st['metadata_bytes']) / dedup['baseline']:.3f}× | | |")
+        lines.append(
+            f"| stored bytes as written, before compaction ({fresh['stored_bytes'] / MIB:.1f} "
+            f"MiB; `gc --compact` took {dedup['compact_seconds']:.0f} s) | "
+            f"{fresh['stored_bytes'] / dedup['baseline']:.3f}× | | |")
         lines += ["", f"Dedup trees: {dedup['trees']}; {dedup['files']} files, "
                   f"{dedup['logical'] / MIB:.1f} MiB logical ({dedup['unique_files']} distinct "
                   f"files); buildatfs logical {st['logical_bytes'] / MIB:.1f} MiB, unique "
