@@ -94,7 +94,7 @@ class Reader:
         self.store = store
         self.cache = ChunkCache()
         self.limiter = limiter
-        self.prefetching = 0  # raw bytes that readahead is loading now
+        self.prefetching = 0  # bytes of files that readahead is loading now
         self._loading: dict[bytes, _Load] = {}
         self._reported: set[bytes] = set()
 
