@@ -7,6 +7,7 @@ what a read returns: the right bytes, or EIO exactly where a chunk is damaged.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import os
@@ -14,7 +15,12 @@ import threading
 from pathlib import Path
 
 import pytest
+import trio
 from fuse_helpers import Mount, find_in_packs, flip_byte, random_bytes, write_bytes
+
+from buildatfs import reader as reader_module
+from buildatfs.reader import Reader
+from buildatfs.store import Store
 
 pytestmark = pytest.mark.fuse
 
@@ -124,3 +130,53 @@ def test_damaged_chunk_ahead_of_the_reader_fails_only_where_it_is(mount_ctl: Mou
     finally:
         os.close(fd)
     assert mount_ctl.pid is not None
+
+
+def test_reads_wait_for_readahead_instead_of_loading_again(
+    mount_ctl: Mount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: readahead of a whole file while a reader goes through it.
+
+    Whichever gets to a chunk first loads it, the other waits or finds it
+    cached, so every chunk is decoded exactly once.
+    """
+    mount_ctl.mount()
+    content = mixed_bytes(12 * MiB + 5, seed=3)
+    write_bytes(mount_ctl.mountpoint / "f", content)
+    inode = os.stat(mount_ctl.mountpoint / "f").st_ino
+    mount_ctl.umount()
+
+    loads: collections.Counter[bytes] = collections.Counter()
+    lock = threading.Lock()
+    real_load = reader_module.load_chunk_sync
+
+    def counting_load(store: Store, chunk_id: bytes, chunk: object) -> bytes:
+        with lock:
+            loads[chunk_id] += 1
+        return real_load(store, chunk_id, chunk)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reader_module, "load_chunk_sync", counting_load)
+    store = Store.open(mount_ctl.store)
+
+    async def read_through() -> tuple[bytes, Reader]:
+        reader = Reader(store, trio.CapacityLimiter(2))
+        out = bytearray()
+        async with trio.open_nursery() as nursery:
+            assert reader.readahead(nursery, inode, 0, len(content))
+            for off in range(0, len(content), MiB):
+                end = min(off + MiB, len(content))
+                with store.env.begin() as txn:
+                    pieces = reader.plan(txn, inode, off, end)
+                buf = bytearray(end - off)
+                await reader.fill(inode, off, buf, pieces)
+                out += buf
+        return bytes(out), reader
+
+    try:
+        out, reader = trio.run(read_through)
+    finally:
+        store.close()
+    assert out == content
+    assert len(loads) >= 12 * MiB // (256 * KiB)
+    assert max(loads.values()) == 1, "a chunk was decoded twice"
+    assert not reader._loading and reader.prefetching == 0
