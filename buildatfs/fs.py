@@ -726,24 +726,24 @@ class Operations(pyfuse3.Operations):
             end = min(off + size, file_size)
             if off >= end:
                 return b""
-            buf = bytearray(end - off)
             covered = dirty is not None and dirty.covers(off, end)
             pieces = [] if covered else self.reader.plan(txn, inode, off, end)
-        # Take the staged bytes now, in the same step as the plan: a commit
-        # that lands while the chunks load must not drop them from under us.
-        if dirty is not None:
-            staged = bytearray(end - off)
-            parts = dirty.staged_parts(off, end)
-            dirty.overlay(off, staged)
         ahead = self._next_readahead(fh, off, end, file_size)
         if ahead is not None:
             assert self.nursery is not None
             if not self.reader.readahead(self.nursery, inode, *ahead):
                 self.streams[fh].ahead = end  # readahead is full: try again next read
+        if dirty is None:
+            return await self.reader.read(inode, off, end, pieces)
+        # Take the staged bytes now, in the same step as the plan: a commit
+        # that lands while the chunks load must not drop them from under us.
+        staged = bytearray(end - off)
+        parts = dirty.staged_parts(off, end)
+        dirty.overlay(off, staged)
+        buf = bytearray(end - off)
         await self.reader.fill(inode, off, buf, pieces)
-        if dirty is not None:
-            for s, e in parts:
-                buf[s - off : e - off] = staged[s - off : e - off]
+        for s, e in parts:
+            buf[s - off : e - off] = staged[s - off : e - off]
         return buf  # pyfuse3 replies from any buffer: no copy to bytes
 
     def _next_readahead(

@@ -120,6 +120,26 @@ class Reader:
                 piece.chunk_offset : piece.chunk_offset + piece.length
             ]
 
+    async def read(self, inode: int, start: int, end: int, pieces: list[Piece]) -> bytes:
+        """Return the file's bytes [start, end): the pieces' data, zeros between them.
+
+        Joins slices of the chunks instead of filling a zeroed buffer: one
+        copy of each byte, where a reply of 1 MiB is most of a request's work.
+        Raises like `fill`.
+        """
+        chunks = await self._gather(inode, pieces)
+        parts: list[bytes | memoryview] = []
+        pos = start
+        for piece in pieces:
+            if piece.offset > pos:
+                parts.append(bytes(piece.offset - pos))
+            data = memoryview(chunks[piece.chunk_id])
+            parts.append(data[piece.chunk_offset : piece.chunk_offset + piece.length])
+            pos = piece.offset + piece.length
+        if end > pos:
+            parts.append(bytes(end - pos))
+        return b"".join(parts)
+
     async def _gather(self, inode: int, pieces: list[Piece]) -> dict[bytes, bytes]:
         """Return {chunk id: data} for every piece, from the cache, from loads
         already running, or loaded now; raise the first failure."""
