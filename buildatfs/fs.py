@@ -17,6 +17,7 @@ both counts are zero, then purged with its data.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -35,7 +36,7 @@ from pyfuse3 import FileHandleT, FUSEError, InodeT
 from buildatfs import compact, faults, gc, schema
 from buildatfs.commit import Committer
 from buildatfs.errors import ChunkError
-from buildatfs.reader import Reader
+from buildatfs.reader import READAHEAD_BYTES, Reader
 from buildatfs.schema import Inode, u64
 from buildatfs.staging import DirtyFile
 from buildatfs.store import Store, now_ns
@@ -142,6 +143,18 @@ def _is_dir(rec: Inode) -> bool:
     return stat.S_ISDIR(rec.mode)
 
 
+@dataclasses.dataclass(slots=True)
+class Stream:
+    """Where one file handle reads, for readahead.
+
+    ``end`` is where its last read ended; a read that starts there continues
+    a sequential run. ``ahead`` is how far readahead has been started.
+    """
+
+    end: int = -1
+    ahead: int = 0
+
+
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = False
@@ -150,11 +163,16 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.store = store
         self.limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
-        self.reader = Reader(store, self.limiter)
+        # Reads, readahead included, have threads of their own: a long
+        # readahead must not hold up a commit's hashing and compression, nor
+        # a commit the reads.
+        self.read_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self.reader = Reader(store, self.read_limiter)
         self.committer = Committer(store, self.reader, self.limiter)
         self.lookups: dict[int, int] = {}
         self.open_count: dict[int, int] = {}
         self.handles: dict[int, int] = {}
+        self.streams: dict[int, Stream] = {}  # file handle -> where it reads
         self.dirty: dict[int, DirtyFile] = {}
         self.locks: dict[int, trio.Lock] = {}
         self.nursery: trio.Nursery | None = None
@@ -717,20 +735,47 @@ class Operations(pyfuse3.Operations):
             end = min(off + size, file_size)
             if off >= end:
                 return b""
-            buf = bytearray(end - off)
             covered = dirty is not None and dirty.covers(off, end)
             pieces = [] if covered else self.reader.plan(txn, inode, off, end)
+        ahead = self._next_readahead(fh, off, end, file_size)
+        if ahead is not None:
+            assert self.nursery is not None
+            if not self.reader.readahead(self.nursery, inode, *ahead):
+                self.streams[fh].ahead = end  # readahead is full: try again next read
+        if dirty is None:
+            return await self.reader.read(inode, off, end, pieces)
         # Take the staged bytes now, in the same step as the plan: a commit
         # that lands while the chunks load must not drop them from under us.
-        if dirty is not None:
-            staged = bytearray(end - off)
-            parts = dirty.staged_parts(off, end)
-            dirty.overlay(off, staged)
+        staged = bytearray(end - off)
+        parts = dirty.staged_parts(off, end)
+        dirty.overlay(off, staged)
+        buf = bytearray(end - off)
         await self.reader.fill(inode, off, buf, pieces)
-        if dirty is not None:
-            for s, e in parts:
-                buf[s - off : e - off] = staged[s - off : e - off]
-        return bytes(buf)
+        for s, e in parts:
+            buf[s - off : e - off] = staged[s - off : e - off]
+        return buf  # pyfuse3 replies from any buffer: no copy to bytes
+
+    def _next_readahead(
+        self, fh: int, off: int, end: int, file_size: int
+    ) -> tuple[int, int] | None:
+        """Note that handle *fh* read [off, end); return the range to read
+        ahead next, if it reads sequentially and is within half a window of
+        where readahead got to."""
+        stream = self.streams.get(fh)
+        if stream is None:
+            stream = self.streams[fh] = Stream()
+        sequential = off == stream.end
+        stream.end = end
+        if not sequential:
+            stream.ahead = 0
+            return None
+        if stream.ahead - end >= READAHEAD_BYTES // 2:
+            return None
+        start, stop = max(stream.ahead, end), min(end + READAHEAD_BYTES, file_size)
+        if start >= stop:
+            return None
+        stream.ahead = stop
+        return start, stop
 
     @handler
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
@@ -812,6 +857,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def release(self, fh: FileHandleT) -> None:
         inode = self.handles.pop(fh)
+        self.streams.pop(fh, None)
         left = self.open_count[inode] - 1
         if left:
             self.open_count[inode] = left
