@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import dataclasses
 import errno
 import os
 import threading
@@ -75,7 +76,7 @@ class LocalPackStore(PackStore):
         self.root = root
         self.limit = limit
         self._lock = threading.Lock()
-        self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._fds: collections.OrderedDict[int, _Handle] = collections.OrderedDict()
         self._current: int | None = None
         self._current_fd = -1
         self._current_size = 0
@@ -127,35 +128,51 @@ class LocalPackStore(PackStore):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         self._current, self._current_fd, self._current_size = number, fd, 0
         self._unsynced.add(number)
-        self._fds[number] = fd
+        self._fds[number] = _Handle(fd)
         faults.point("pack:rotated")
 
     def read_sync(self, pack: int, offset: int, length: int) -> bytes:
-        fd = self._fd(pack)
-        data = os.pread(fd, length, offset)
+        handle = self._open(pack)
+        try:
+            data = os.pread(handle.fd, length, offset)
+        finally:
+            self._done(handle)
         if len(data) != length:
             raise ChunkMissing(f"pack {pack} ends before offset {offset + length}")
         return data
 
-    def _fd(self, pack: int) -> int:
+    def _open(self, pack: int) -> _Handle:
+        """The cached descriptor of *pack*, counted as in use until `_done`.
+
+        A descriptor that is evicted or whose pack is deleted while a read
+        uses it is closed by that read's `_done`, never under it: closing it
+        earlier could let the read hit another file that reused the number.
+        """
         with self._lock:
-            fd = self._fds.get(pack)
-            if fd is not None:
+            handle = self._fds.get(pack)
+            if handle is not None:
                 self._fds.move_to_end(pack)
-                return fd
-            try:
-                fd = os.open(self.path(pack), os.O_RDONLY)
-            except FileNotFoundError:
-                raise ChunkMissing(f"pack {pack} does not exist") from None
-            self._fds[pack] = fd
-            while len(self._fds) > _OPEN_FDS:
-                old, old_fd = next(iter(self._fds.items()))
-                if old == self._current:
-                    self._fds.move_to_end(old)
-                    continue
-                del self._fds[old]
-                os.close(old_fd)
-            return fd
+            else:
+                try:
+                    fd = os.open(self.path(pack), os.O_RDONLY)
+                except FileNotFoundError:
+                    raise ChunkMissing(f"pack {pack} does not exist") from None
+                handle = self._fds[pack] = _Handle(fd)
+                while len(self._fds) > _OPEN_FDS:
+                    old, old_handle = next(iter(self._fds.items()))
+                    if old == self._current:
+                        self._fds.move_to_end(old)
+                        continue
+                    del self._fds[old]
+                    _retire(old_handle)
+            handle.users += 1
+            return handle
+
+    def _done(self, handle: _Handle) -> None:
+        with self._lock:
+            handle.users -= 1
+            if handle.retired and not handle.users:
+                os.close(handle.fd)
 
     def flush_sync(self) -> None:
         with self._lock:
@@ -188,9 +205,9 @@ class LocalPackStore(PackStore):
 
     def delete_sync(self, pack: int) -> None:
         with self._lock:
-            fd = self._fds.pop(pack, None)
-            if fd is not None:
-                os.close(fd)
+            handle = self._fds.pop(pack, None)
+            if handle is not None:
+                _retire(handle)
             if pack == self._current:
                 self._current = None
         try:
@@ -200,10 +217,27 @@ class LocalPackStore(PackStore):
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for handle in self._fds.values():
+                _retire(handle)
             self._fds.clear()
             self._current = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Handle:
+    """A cached read descriptor and how many reads use it right now."""
+
+    fd: int
+    users: int = 0
+    retired: bool = False
+
+
+def _retire(handle: _Handle) -> None:
+    """Close *handle* now if no read uses it, else when the last one ends
+    (the caller holds the pack store's lock)."""
+    handle.retired = True
+    if not handle.users:
+        os.close(handle.fd)
 
 
 def _fsync_dir(path: Path) -> None:
