@@ -108,8 +108,21 @@ class Committer:
             return await self._commit(inode, dirty, ranges, size, owned, split)
         finally:
             self._running.discard(ticket)
-            for chunk_id in owned:
-                self._unindexed.pop(chunk_id, None)
+            orphaned = [self._unindexed.pop(cid) for cid in owned if cid in self._unindexed]
+            if orphaned:
+                self._count_dead(orphaned)
+
+    def _count_dead(self, records: list[Stored]) -> None:
+        """Count records this commit stored but no commit indexed as dead
+        bytes of their packs (the inode went away, or the commit failed)."""
+        try:
+            with self.store.env.begin(write=True) as txn:
+                for stored in records:
+                    pack, offset = stored.place
+                    self.store.note_pack_end(txn, pack, offset + stored.record_len)
+                    self.store.add_dead(txn, pack, stored.record_len)
+        except lmdb.Error as exc:
+            log.warning("Cannot count %d unused chunk records as dead (%s)", len(records), exc)
 
     async def settle(self) -> None:
         """Wait until every commit that started before this call has finished."""
@@ -134,12 +147,15 @@ class Committer:
             for start, end in plan.regions:
                 await self._chunk_region(inode, dirty, start, end, plan, owned)
             faults.point("commit:chunks-written")
+            indexed: set[bytes] = set()
             try:
                 with self.store.env.begin(write=True) as txn:
-                    applied = self._apply(txn, inode, size, plan)
+                    applied = self._apply(txn, inode, size, plan, indexed)
             except ChunkVanished:
                 log.debug("A chunk vanished during the commit of inode %d; retrying", inode)
                 continue
+            for cid in indexed:
+                del self._unindexed[cid]
             if applied and plan.fragmenting:
                 self.fragmented[inode] = time.monotonic()
             return applied
@@ -170,6 +186,10 @@ class Committer:
                 regions.append((start, end))
         return plan
 
+    def _fragments_sync(self, inode: int, size: int) -> Ranges:
+        with self.store.env.begin() as txn:
+            return self.fragments(txn, inode, size)
+
     def fragments(self, txn: lmdb.Transaction, inode: int, size: int) -> Ranges:
         """The parts of a file that small overwrites left fragmented: extents
         naming part of a chunk, and chunks below the minimum size that are not
@@ -196,9 +216,10 @@ class Committer:
         self.fragmented.pop(inode, None)
         with self.store.env.begin() as txn:
             rec = self.store.get_inode(txn, inode)
-            if rec is None:
-                return
-            ranges = self.fragments(txn, inode, rec.size)
+        if rec is None:
+            return
+        # A large file has many extents to look at: not on the trio thread.
+        ranges = await trio.to_thread.run_sync(self._fragments_sync, inode, rec.size)
         if ranges and await self.commit(inode, None, ranges, rec.size, split=False):
             log.info(
                 "Re-chunked %d bytes of inode %d that small overwrites had fragmented.",
@@ -331,19 +352,32 @@ class Committer:
             for cid, record, place in zip(ids, records, places, strict=True)
         }
 
-    def _apply(self, txn: lmdb.Transaction, inode: int, size: int, plan: Plan) -> bool:
-        """Write *plan* into the index: references first, then the old extents go."""
+    def _apply(
+        self,
+        txn: lmdb.Transaction,
+        inode: int,
+        size: int,
+        plan: Plan,
+        indexed: set[bytes],
+    ) -> bool:
+        """Write *plan* into the index: references first, then the old extents go.
+
+        A record is indexed by the first commit that applies it, whether it
+        stored the record or shared it; *indexed* collects those, which the
+        caller takes out of ``_unindexed`` once the transaction has committed.
+        Later commits that share it count as references to the indexed chunk,
+        so a record is never indexed again after its chunk died (its bytes are
+        counted dead by then). A record nobody indexed is counted dead by the
+        commit that stored it, when it ends.
+        """
         store = self.store
         rec = store.get_inode(txn, inode)
         if rec is None:
-            for stored in plan.stored.values():
-                store.note_pack_end(txn, stored.place[0], stored.place[1] + stored.record_len)
-                store.add_dead(txn, stored.place[0], stored.record_len)
-            return False
-        indexed = set()
+            return False  # `commit` counts the records it stored as dead
         for _, cid, _ in plan.extents:
             stored = plan.stored.get(cid)
-            if stored is not None and cid not in indexed:
+            first = stored is not None and self._unindexed.get(cid) is stored
+            if first and cid not in indexed:
                 store.add_chunk(txn, cid, stored.place, stored.record_len, stored.raw_len)
                 indexed.add(cid)
             elif store.get_chunk(txn, cid) is None:

@@ -118,13 +118,20 @@ def test_compaction_runs_by_itself_when_idle(mount_ctl: Mount) -> None:
     assert_tree_intact(BIG_TREE, mount_ctl.mountpoint / "tree")
 
 
-def test_damaged_record_is_kept_as_it_is(mount_ctl: Mount) -> None:
+@pytest.fixture
+def to_damage(mount_ctl: Mount) -> Mount:
+    """The small tree copied in, the mount down; teardown expects damage."""
     mount_ctl.fsck_args = ("--verify-data",)
     mount_ctl.fsck_codes = frozenset({1, 4})
     mount_ctl.expect_log(r"\b(ERROR|WARNING)\b")
     mount_ctl.mount()
     copy_tree(SMALL_TREE, mount_ctl.mountpoint / "tree")
     mount_ctl.umount()
+    return mount_ctl
+
+
+def test_damaged_record_is_kept_as_it_is(to_damage: Mount) -> None:
+    mount_ctl = to_damage
     victim = max(walk_files(SMALL_TREE), key=lambda p: p.stat().st_size)
     pack, offset, length = first_record(
         mount_ctl.store, Path("tree") / victim.relative_to(SMALL_TREE)
@@ -142,13 +149,8 @@ def test_damaged_record_is_kept_as_it_is(mount_ctl: Mount) -> None:
             assert sha256_file(copy) == sha256_file(path), path
 
 
-def test_missing_dictionary_reads_as_eio(mount_ctl: Mount) -> None:
-    mount_ctl.fsck_args = ("--verify-data",)
-    mount_ctl.fsck_codes = frozenset({1, 4})
-    mount_ctl.expect_log(r"\b(ERROR|WARNING)\b")
-    mount_ctl.mount()
-    copy_tree(SMALL_TREE, mount_ctl.mountpoint / "tree")
-    mount_ctl.umount()
+def test_missing_dictionary_reads_as_eio(to_damage: Mount) -> None:
+    mount_ctl = to_damage
     proc = run_cli("gc", "--compact", mount_ctl.store)
     assert proc.returncode == 0, describe(proc)
     store = Store.open(mount_ctl.store)

@@ -192,6 +192,34 @@ def test_crash_in_gc_keeps_live_files(mount_ctl: Mount, step: str,
         assert read_bytes(root / name) == data
 
 
+@pytest.mark.parametrize("step", GC_STEPS)
+def test_crash_in_compaction_keeps_files(mount_ctl: Mount, step: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compaction moves records the way gc does, so the same crash rules hold."""
+    root = mount_ctl.mountpoint
+    keep = {f"text-{i}": b"".join(b"record %d of file %d, compressible\n" % (j, i)
+                                  for j in range(20000 + i)) for i in range(4)}
+    mount_ctl.mount()
+    for name, data in keep.items():
+        write_bytes(root / name, data, fsync=True)
+    mount_ctl.umount()
+
+    mount_crashing(mount_ctl, step, monkeypatch)
+    proc = run_cli("gc", "--compact", root)
+    assert proc.returncode == 1, f"gc should report the daemon's death: {describe(proc)}"
+    wait_for_death(mount_ctl)
+
+    recover(mount_ctl)
+    for name, data in keep.items():
+        assert read_bytes(root / name) == data, f"{name} damaged by a crash at {step}"
+    proc = run_cli("gc", "--compact", root)  # the interrupted compaction can finish now
+    assert proc.returncode == 0, describe(proc)
+    mount_ctl.remount()
+    for name, data in keep.items():
+        assert read_bytes(root / name) == data, f"{name} damaged by compaction after recovery"
+    mount_ctl.fsck_args = ("--verify-data",)
+
+
 @pytest.mark.slow
 def test_crash_harness_10_cycles(tmp_path: Path) -> None:
     proc = subprocess.run(
