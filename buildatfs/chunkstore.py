@@ -182,7 +182,10 @@ class LocalPackStore(PackStore):
             else:
                 self._unsynced = set()
         for pack in packs:
-            fd = os.open(self.path(pack), os.O_RDONLY)
+            try:
+                fd = os.open(self.path(pack), os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # deleted meanwhile (nothing names it)
             try:
                 os.fsync(fd)
             finally:
@@ -208,6 +211,7 @@ class LocalPackStore(PackStore):
             handle = self._fds.pop(pack, None)
             if handle is not None:
                 _retire(handle)
+            self._unsynced.discard(pack)
             if pack == self._current:
                 self._current = None
         try:

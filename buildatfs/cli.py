@@ -338,7 +338,7 @@ def _unescape(field: str) -> str:
 def cmd_stats(args: argparse.Namespace) -> int:
     from buildatfs import stats
 
-    target = args.target.absolute()
+    target = args.target.resolve()
     store = _find_mount(target) or target
     report = stats.collect(store, breakdown=not args.totals)
     if args.prometheus:
@@ -365,7 +365,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     from buildatfs.progress import ProgressLine
     from buildatfs.store import Store
 
-    target = args.target.absolute()
+    target = args.target.resolve()
     store = Store.open(_find_mount(target) or target, readonly=True)
     line = ProgressLine("Scrubbing", scrub.describe)
     try:
@@ -395,7 +395,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
 
-    target = args.target.absolute()
+    target = args.target.resolve()
     store_path = _find_mount(target)
     if store_path is not None:
         report = _gc_mounted(store_path, args.compact)
@@ -413,9 +413,18 @@ def _gc_mounted(store_path: Path, compact: bool) -> dict:
     and wait for its report."""
     from buildatfs import gc
 
+    if not _daemon_running(store_path):
+        raise UserError(
+            f"no daemon serves {store_path} any more (a dead mount?); "
+            "unmount it with `fusermount3 -u`, then run `buildatfs gc` on the store.",
+            exit_code=1,
+        )
     pid = _daemon_pid(store_path)
     before = (gc.read_report(store_path) or {}).get("finished_ns", 0)
-    os.kill(pid, signal.SIGUSR2 if compact else signal.SIGUSR1)
+    try:
+        os.kill(pid, signal.SIGUSR2 if compact else signal.SIGUSR1)
+    except ProcessLookupError:
+        raise UserError(f"the daemon of {store_path} has exited.", exit_code=1) from None
     while True:
         report = gc.read_report(store_path)
         if report is not None and report["finished_ns"] > before:
@@ -442,8 +451,12 @@ def _gc_offline(store_path: Path, compact_too: bool):
         store.lock()
         if not store.is_clean():
             recovery.recover(store)
-            store.set_clean(True)
-        return trio.run(full_pass, store)
+        # Unclean while the pass runs: if it is killed, the next mount or
+        # fsck removes the copies it made that the index does not name.
+        store.set_clean(False)
+        report = trio.run(full_pass, store)
+        store.set_clean(True)
+        return report
     finally:
         store.close()
 

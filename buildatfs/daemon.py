@@ -74,6 +74,10 @@ def serve(store_path: Path, mountpoint: Path, extra_options: list[str], ready: R
             raise
         pyfuse3.close(unmount=False)
         ops.purge_unreferenced()
+        # Garbage collection or compaction cut short by the unmount leaves
+        # copies the index does not name; nothing appends any more.
+        for line in recovery.trim_packs(store):
+            log.info("At unmount: %s.", line)
         store.set_clean(True)
         log.info("Unmounted %s cleanly.", mountpoint)
     finally:

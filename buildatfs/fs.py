@@ -896,35 +896,43 @@ class Operations(pyfuse3.Operations):
 
     async def maintain(self) -> None:
         """Commit idle files, bound staging, checkpoint the index, collect
-        garbage in the background. Runs until cancelled."""
+        garbage and compact in the background. Runs until cancelled.
+
+        Garbage collection and compaction run in this task's own nursery, so
+        that an unmount cancels them instead of waiting: what a cut-short
+        pass copied is not named by the index, and the unmount trims it
+        (recovery.trim_packs). Commits run in the handlers' nursery and are
+        always finished.
+        """
         last_sync = last_gc = time.monotonic()
-        while True:
-            await trio.sleep(1)
-            now = time.monotonic()
-            gc_due = now - last_gc > (1.0 if self.low_on_space else GC_INTERVAL)
-            if gc_due and not self.gc_lock.locked():
-                last_gc = now
-                self._retry_purges()
-                self._spawn(self.collect_garbage, gc.RATE, gc.DEAD_SHARE)
-            quiet = now - self.last_write > COMPACT_IDLE and not self.dirty
-            if quiet and not self.compaction_done and not self.gc_lock.locked():
-                self._spawn(self.compact_idle)
-            total = 0
-            for inode, dirty in list(self.dirty.items()):
-                total += dirty.staged_bytes
-                idle = now - dirty.last_write > IDLE_COMMIT
-                if idle and not self._lock(inode).locked():
-                    self._spawn(self._commit_logged, inode)
-            for inode, when in list(self.committer.fragmented.items()):
-                quiet = now - when > DEFRAGMENT_IDLE and inode not in self.dirty
-                if quiet and not self._lock(inode).locked():
-                    self._spawn(self._defragment, inode)
-            if total > TOTAL_DIRTY_LIMIT and self.dirty:
-                biggest = max(self.dirty, key=lambda i: self.dirty[i].ranges.total)
-                self._spawn(self._commit_logged, biggest)
-            if self.changed_since_sync and now - last_sync > CHECKPOINT_INTERVAL:
-                last_sync = now
-                await self._sync()
+        async with trio.open_nursery() as jobs:
+            while True:
+                await trio.sleep(1)
+                now = time.monotonic()
+                gc_due = now - last_gc > (1.0 if self.low_on_space else GC_INTERVAL)
+                if gc_due and not self.gc_lock.locked():
+                    last_gc = now
+                    self._retry_purges()
+                    jobs.start_soon(_guarded, self.collect_garbage, gc.RATE, gc.DEAD_SHARE)
+                quiet = now - self.last_write > COMPACT_IDLE and not self.dirty
+                if quiet and not self.compaction_done and not self.gc_lock.locked():
+                    jobs.start_soon(_guarded, self.compact_idle)
+                total = 0
+                for inode, dirty in list(self.dirty.items()):
+                    total += dirty.staged_bytes
+                    idle = now - dirty.last_write > IDLE_COMMIT
+                    if idle and not self._lock(inode).locked():
+                        self._spawn(self._commit_logged, inode)
+                for inode, when in list(self.committer.fragmented.items()):
+                    quiet = now - when > DEFRAGMENT_IDLE and inode not in self.dirty
+                    if quiet and not self._lock(inode).locked():
+                        self._spawn(self._defragment, inode)
+                if total > TOTAL_DIRTY_LIMIT and self.dirty:
+                    biggest = max(self.dirty, key=lambda i: self.dirty[i].ranges.total)
+                    self._spawn(self._commit_logged, biggest)
+                if self.changed_since_sync and now - last_sync > CHECKPOINT_INTERVAL:
+                    last_sync = now
+                    await self._sync()
 
     def _retry_purges(self) -> None:
         """Purge orphans whose purge failed earlier (a full disk, say)."""

@@ -346,6 +346,10 @@ def check(store: Store, repair: bool = True, verify_data: bool = False) -> list[
             problems.append(Problem("recovery", line, True))
     elif store.staging.exists() and any(store.staging.iterdir()):
         problems.append(Problem("staging", "staging files left by an unclean mount", False))
+    else:
+        # Left-overs of an interrupted gc or compaction in a store marked clean.
+        for line in recovery.trim_packs(store, dry_run=not repair):
+            problems.append(Problem("packs", line, repair))
     checker = Checker(store, repair, verify_data)
     with store.env.begin(write=repair) as txn:
         checker.run(txn)

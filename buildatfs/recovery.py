@@ -42,19 +42,35 @@ def recover(store: Store) -> list[str]:
         ]
         for inode in orphans:
             store.purge_inode(txn, inode)
-        recorded = {
-            schema.read_u64(k): schema.read_pair(v)[0] for k, v in txn.cursor(db=store.dbs["packs"])
-        }
     if orphans:
         done.append(f"purged {len(orphans)} unlinked inode(s)")
-    for pack, size in store.packs.list_sync().items():
-        if pack not in recorded:
-            store.packs.delete_sync(pack)
-            done.append(f"deleted pack {pack}, which no index entry names")
-        elif size > recorded[pack]:
-            store.packs.truncate_sync(pack, recorded[pack])
-            done.append(f"cut {size - recorded[pack]} unreferenced byte(s) off pack {pack}")
+    done += trim_packs(store)
     store.sync_sync()
     for line in done:
         log.info("Recovery: %s.", line)
+    return done
+
+
+def trim_packs(store: Store, dry_run: bool = False) -> list[str]:
+    """Delete pack files the index does not name and cut pack bytes past the
+    size it recorded; return what was done (with *dry_run*, what would be).
+
+    Only safe while nothing appends (at mount and unmount, offline): an
+    interrupted commit, garbage collection or compaction leaves exactly such
+    bytes, and none of them is named by the index.
+    """
+    done = []
+    with store.env.begin() as txn:
+        recorded = {
+            schema.read_u64(k): schema.read_pair(v)[0] for k, v in txn.cursor(db=store.dbs["packs"])
+        }
+    for pack, size in store.packs.list_sync().items():
+        if pack not in recorded:
+            if not dry_run:
+                store.packs.delete_sync(pack)
+            done.append(f"deleted pack {pack}, which no index entry names")
+        elif size > recorded[pack]:
+            if not dry_run:
+                store.packs.truncate_sync(pack, recorded[pack])
+            done.append(f"cut {size - recorded[pack]} unreferenced byte(s) off pack {pack}")
     return done

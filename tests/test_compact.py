@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import errno
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from fuse_helpers import (
     Mount,
+    cli_env,
     describe,
     flip_byte,
     read_bytes,
@@ -176,3 +178,57 @@ def test_missing_dictionary_reads_as_eio(to_damage: Mount) -> None:
     proc = mount_ctl.fsck("--verify-data", "--no-repair")
     assert proc.returncode in (1, 4), describe(proc)
     assert "not in the store" in proc.stdout + proc.stderr, describe(proc)
+
+
+def start_cli(*args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "buildatfs", *map(str, args)],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_unmount_during_compaction_leaves_no_stray_pack(mount_ctl: Mount) -> None:
+    mount_ctl.mount()
+    copy_tree(BIG_TREE, mount_ctl.mountpoint / "tree")
+    mount_ctl.remount()
+    compaction = start_cli("gc", "--compact", mount_ctl.mountpoint)
+    time.sleep(3)  # well inside the pass: 50 MB at zstd level 19
+    mount_ctl.umount()  # cancels the pass; the daemon trims what it copied
+    _, err = compaction.communicate(timeout=120)
+    assert compaction.returncode == 1, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    proc = mount_ctl.fsck("--no-repair")
+    assert proc.returncode == 0, describe(proc)  # no pack the index does not name
+    mount_ctl.mount()
+    assert_tree_intact(BIG_TREE, mount_ctl.mountpoint / "tree")
+
+
+@pytest.mark.slow
+def test_killed_offline_compaction_is_repaired(mount_ctl: Mount) -> None:
+    mount_ctl.mount()
+    copy_tree(BIG_TREE, mount_ctl.mountpoint / "tree")
+    mount_ctl.umount()
+    compaction = start_cli("gc", "--compact", mount_ctl.store)
+    time.sleep(4)
+    compaction.kill()
+    compaction.communicate(timeout=60)
+    proc = mount_ctl.fsck()
+    assert proc.returncode in (0, 1), describe(proc)
+    proc = mount_ctl.fsck("--no-repair")
+    assert proc.returncode == 0, describe(proc)
+    mount_ctl.mount()
+    assert_tree_intact(BIG_TREE, mount_ctl.mountpoint / "tree")
+
+
+def test_gc_on_a_dead_mount_says_so(mount_ctl: Mount) -> None:
+    mount_ctl.mount()
+    mount_ctl.kill_daemon()
+    for args in (("gc",), ("gc", "--compact")):
+        proc = run_cli(*args, mount_ctl.mountpoint)
+        assert proc.returncode == 1, describe(proc)
+        assert "Traceback" not in proc.stderr, describe(proc)
+        assert "no daemon serves" in proc.stderr, describe(proc)
