@@ -257,6 +257,13 @@ class Mount:
         assert proc.returncode == 0, describe(proc)
         return json.loads(proc.stdout)
 
+    def expect_damage(self) -> None:
+        """The test damages the store on purpose: teardown's `fsck --verify-data`
+        must find damage (exit 1 or 4), and the log may hold errors."""
+        self.fsck_args = ("--verify-data",)
+        self.fsck_codes = frozenset({1, 4})
+        self.expect_log(r"\b(ERROR|WARNING)\b")
+
     def expect_log(self, pattern: str, count: int | None = None) -> None:
         """Declare log problem lines matching PATTERN (exactly COUNT if given)."""
         self.expected_log.append((re.compile(pattern), count))

@@ -123,9 +123,7 @@ def test_compaction_runs_by_itself_when_idle(mount_ctl: Mount) -> None:
 @pytest.fixture
 def to_damage(mount_ctl: Mount) -> Mount:
     """The small tree copied in, the mount down; teardown expects damage."""
-    mount_ctl.fsck_args = ("--verify-data",)
-    mount_ctl.fsck_codes = frozenset({1, 4})
-    mount_ctl.expect_log(r"\b(ERROR|WARNING)\b")
+    mount_ctl.expect_damage()
     mount_ctl.mount()
     copy_tree(SMALL_TREE, mount_ctl.mountpoint / "tree")
     mount_ctl.umount()

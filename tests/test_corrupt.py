@@ -29,9 +29,7 @@ MiB = 1 << 20
 @pytest.fixture
 def damaged(mount_ctl: Mount) -> Mount:
     """Two random files written and committed; the mount is down afterwards."""
-    mount_ctl.fsck_args = ("--verify-data",)
-    mount_ctl.fsck_codes = frozenset({1, 4})
-    mount_ctl.expect_log(r"\b(ERROR|WARNING)\b")
+    mount_ctl.expect_damage()
     mount_ctl.mount()
     write_bytes(mount_ctl.mountpoint / "victim", random_bytes(2 * MiB, seed=1))
     write_bytes(mount_ctl.mountpoint / "bystander", random_bytes(2 * MiB, seed=2))
