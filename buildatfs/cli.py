@@ -438,12 +438,17 @@ def _gc_offline(store_path: Path, compact_too: bool):
     import trio
 
     from buildatfs import compact, gc, recovery
+    from buildatfs.progress import ProgressLine
     from buildatfs.store import Store
 
     async def full_pass(store: Store) -> gc.Report:
         report = await gc.run_pass(store, None, 0.0)
         if compact_too:
-            report.add(await compact.Compactor(store).run(None))
+            line = ProgressLine("Compacting", lambda done: f"pack {done[0]} of {done[1]}")
+            try:
+                report.add(await compact.Compactor(store).run(None, progress=line))
+            finally:
+                line.done()
         return report
 
     store = Store.open(store_path)

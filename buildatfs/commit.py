@@ -80,8 +80,12 @@ class Committer:
         # shares that record instead of writing it a second time.
         self._storing: dict[bytes, trio.Event] = {}
         self._unindexed: dict[bytes, Stored] = {}
-        # inode -> time.monotonic() of the last commit that left fragments
-        self.fragmented: dict[int, float] = {}
+        # inode -> time.monotonic() of the last commit that left fragments;
+        # the index keeps the set across restarts (schema.py), so a file left
+        # fragmented at unmount is re-chunked after the next mount.
+        with store.env.begin() as txn:
+            waiting = store.fragmented_inodes(txn)
+        self.fragmented: dict[int, float] = dict.fromkeys(waiting, time.monotonic())
 
     async def commit(
         self,
@@ -216,16 +220,18 @@ class Committer:
         self.fragmented.pop(inode, None)
         with self.store.env.begin() as txn:
             rec = self.store.get_inode(txn, inode)
-        if rec is None:
-            return
-        # A large file has many extents to look at: not on the trio thread.
-        ranges = await trio.to_thread.run_sync(self._fragments_sync, inode, rec.size)
-        if ranges and await self.commit(inode, None, ranges, rec.size, split=False):
-            log.info(
-                "Re-chunked %d bytes of inode %d that small overwrites had fragmented.",
-                ranges.total,
-                inode,
-            )
+        if rec is not None:
+            # A large file has many extents to look at: not on the trio thread.
+            ranges = await trio.to_thread.run_sync(self._fragments_sync, inode, rec.size)
+            if ranges and await self.commit(inode, None, ranges, rec.size, split=False):
+                log.info(
+                    "Re-chunked %d bytes of inode %d that small overwrites had fragmented.",
+                    ranges.total,
+                    inode,
+                )
+        if inode not in self.fragmented:  # (no small overwrite came meanwhile)
+            with self.store.env.begin(write=True) as txn:
+                self.store.set_fragmented(txn, inode, False)
 
     async def current_bytes(
         self, inode: int, dirty: DirtyFile | None, start: int, end: int
@@ -388,6 +394,8 @@ class Committer:
         for offset, cid, length in plan.extents:
             store.put_extent(txn, inode, offset, Extent(cid, 0, length))
         rec.allocated += sum(length for _, _, length in plan.extents) - lost
+        if plan.fragmenting:
+            store.set_fragmented(txn, inode, True)
         if size != rec.size:
             store.set_size(txn, inode, rec, size)
         store.put_inode(txn, inode, rec)

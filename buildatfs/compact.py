@@ -121,10 +121,12 @@ class Compactor:
         settle: Callable[[], Awaitable[None]] | None = None,
         max_packs: int | None = None,
         seal_from: int | None = 0,
+        progress: Callable[[tuple[int, int]], None] | None = None,
     ) -> gc.Report:
         """Compact up to *max_packs* packs (None: all that qualify). The open
         pack is sealed first, and so compacted too, if it holds at least
-        *seal_from* bytes (None: never).
+        *seal_from* bytes (None: never). *progress* is called with (packs
+        looked at, packs in all) after each pack.
 
         Only packs sealed when the pass starts are looked at, and *settle*
         must then wait until every commit that started before has finished:
@@ -142,17 +144,16 @@ class Compactor:
             await settle()
         dict_id = await ensure_dictionary(self.store)
         threads = max(1, min(2, os.cpu_count() or 1))
-        for pack in packs:
+        for done, pack in enumerate(packs, 1):
             if max_packs is not None and total.packs_removed >= max_packs:
                 break
-            if not await trio.to_thread.run_sync(_worth_compacting_sync, self.store, pack):
+            if await trio.to_thread.run_sync(_worth_compacting_sync, self.store, pack):
+                transform = self._transform(dict_id)
+                total.add(await gc.collect_pack(self.store, pack, rate, transform, threads))
+            else:
                 self.compact_packs.add(pack)
-                continue
-            total.add(
-                await gc.collect_pack(
-                    self.store, pack, rate, transform=self._transform(dict_id), threads=threads
-                )
-            )
+            if progress is not None:
+                progress((done, len(packs)))
         if total.packs_removed:
             log.info(
                 "Compaction rewrote %d pack(s), %d chunk(s), freed %d bytes.",

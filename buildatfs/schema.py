@@ -23,6 +23,8 @@ Sub-databases
     ``dict:<id>``   a zstd dictionary that compacted chunk records name by
     that id (decimal ASCII; see codec.py); never removed while a record may
     use it.
+    ``fragmented:<inode>``  b"" while small overwrites have left that file
+    fragmented and it waits to be re-chunked (commit.py); inode in decimal.
     counters (u64): ``logical_bytes`` (sum of sizes of regular files, each inode
     once), ``unique_bytes`` (sum of raw lengths of live chunks), ``chunks``,
     ``files`` (regular-file inodes), ``directories``, ``inodes``.

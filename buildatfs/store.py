@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAP_SIZE: Final = 1 << 40  # address space only; the file grows with its content
 DICT_PREFIX: Final = b"dict:"
+FRAGMENTED_PREFIX: Final = b"fragmented:"
 
 
 def now_ns() -> int:
@@ -50,13 +51,10 @@ class Store:
         self._lock_fd = -1
         with env.begin() as txn:
             raw = txn.get(b"chunker", db=self.dbs["meta"])
-            cur = txn.cursor(db=self.dbs["meta"])
-            found = {}
-            if cur.set_range(DICT_PREFIX):
-                for key, value in cur:
-                    if not key.startswith(DICT_PREFIX):
-                        break
-                    found[int(key[len(DICT_PREFIX) :])] = value
+            found = {
+                int(key[len(DICT_PREFIX) :]): txn.get(key, db=self.dbs["meta"])
+                for key in self._meta_keys(txn, DICT_PREFIX)
+            }
         self.params = ChunkerParams.from_json(raw) if raw else DEFAULT_PARAMS
         self.dicts = codec.Dictionaries(found)
 
@@ -240,7 +238,29 @@ class Store:
             txn.delete(key, db=self.dbs["xattrs"])
         txn.delete(u64(inode), db=self.dbs["symlinks"])
         txn.delete(u64(inode), db=self.dbs["inodes"])
+        self.set_fragmented(txn, inode, False)
         self._count_kind(txn, rec.mode, -1)
+
+    def set_fragmented(self, txn: lmdb.Transaction, inode: int, fragmented: bool) -> None:
+        """Remember (or forget) that small overwrites left *inode* fragmented."""
+        key = FRAGMENTED_PREFIX + str(inode).encode()
+        if fragmented:
+            txn.put(key, b"", db=self.dbs["meta"])
+        else:
+            txn.delete(key, db=self.dbs["meta"])
+
+    def fragmented_inodes(self, txn: lmdb.Transaction) -> list[int]:
+        keys = self._meta_keys(txn, FRAGMENTED_PREFIX)
+        return [int(key[len(FRAGMENTED_PREFIX) :]) for key in keys]
+
+    def _meta_keys(self, txn: lmdb.Transaction, prefix: bytes) -> Iterator[bytes]:
+        cur = txn.cursor(db=self.dbs["meta"])
+        if not cur.set_range(prefix):
+            return
+        for key in cur.iternext(values=False):
+            if not key.startswith(prefix):
+                return
+            yield key
 
     def prefixed_keys(self, txn: lmdb.Transaction, db: str, inode: int) -> Iterator[bytes]:
         prefix = u64(inode)

@@ -113,3 +113,25 @@ def test_regroup_waits_for_new_writes(mounted: Path, mount_ctl: Mount) -> None:
     )
     mount_ctl.remount()
     assert read_bytes(path) == model
+
+
+def test_regroup_survives_a_restart(mounted: Path, mount_ctl: Mount) -> None:
+    """A file left fragmented at unmount is re-chunked after the next mount."""
+    path = mounted / "restart"
+    model = bytearray(random_bytes(4 * MiB, seed=61))
+    write_bytes(path, bytes(model), fsync=True)
+    overwrite(path, model, 30, seed=62)
+    mount_ctl.umount()  # before the file has been quiet long enough
+    partial, _ = fragment_count(mount_ctl.store, "restart")
+    assert partial > 0
+    mount_ctl.mount()
+    wait_for(
+        lambda: "small overwrites had fragmented" in mount_ctl.log_path.read_text(),
+        REGROUP_TIMEOUT,
+        "re-chunking of the file after the remount",
+    )
+    mount_ctl.umount()
+    partial, total = fragment_count(mount_ctl.store, "restart")
+    assert partial == 0, f"{partial} of {total} extents still name part of a chunk"
+    mount_ctl.mount()
+    assert read_bytes(path) == model
