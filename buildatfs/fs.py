@@ -17,6 +17,7 @@ both counts are zero, then purged with its data.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import functools
@@ -52,7 +53,10 @@ TOTAL_DIRTY_LIMIT: Final = 512 * 1024 * 1024
 CHECKPOINT_INTERVAL: Final = 5.0
 GC_INTERVAL: Final = 10.0
 DEFRAGMENT_IDLE: Final = 10.0  # seconds a fragmented file stays quiet before re-chunking
-COMPACT_IDLE: Final = 60.0  # seconds without writes before cold packs are compacted
+# Cold packs are compacted once less than COMPACT_QUIET_BYTES were written in
+# the last COMPACT_QUIET_SECONDS: a trickle of log lines must not hold it off.
+COMPACT_QUIET_SECONDS: Final = 60
+COMPACT_QUIET_BYTES: Final = 4 * 1024 * 1024
 COMPACT_RATE: Final = 16 * 1024 * 1024  # bytes per second compaction reads at most
 # When idle, the open pack is sealed for compaction only once it holds this
 # much, so that quiet spells do not leave many small packs behind.
@@ -179,7 +183,7 @@ class Operations(pyfuse3.Operations):
         self.changed_since_sync = False
         self.gc_lock = trio.Lock()
         self.compactor = compact.Compactor(store)
-        self.last_write = time.monotonic()
+        self.bytes_written = 0  # through this mount, in all
         self.compaction_done = False  # until the next write
         self.low_on_space = False
         self.initialized = trio.Event()
@@ -789,7 +793,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENOSPC)
         # No await from here on: a commit running meanwhile sees this write
         # either wholly or not at all (staging.DirtyFile).
-        self.last_write = time.monotonic()
+        self.bytes_written += len(buf)
         self.compaction_done = False
         dirty = self.dirty.get(inode)
         if dirty is None:
@@ -905,6 +909,9 @@ class Operations(pyfuse3.Operations):
         always finished.
         """
         last_sync = last_gc = time.monotonic()
+        # bytes written in each of the last COMPACT_QUIET_SECONDS ticks
+        recent: collections.deque[int] = collections.deque(maxlen=COMPACT_QUIET_SECONDS)
+        counted = self.bytes_written
         async with trio.open_nursery() as jobs:
             while True:
                 await trio.sleep(1)
@@ -914,7 +921,9 @@ class Operations(pyfuse3.Operations):
                     last_gc = now
                     self._retry_purges()
                     jobs.start_soon(_guarded, self.collect_garbage, gc.RATE, gc.DEAD_SHARE)
-                quiet = now - self.last_write > COMPACT_IDLE and not self.dirty
+                recent.append(self.bytes_written - counted)
+                counted = self.bytes_written
+                quiet = len(recent) == recent.maxlen and sum(recent) < COMPACT_QUIET_BYTES
                 if quiet and not self.compaction_done and not self.gc_lock.locked():
                     jobs.start_soon(_guarded, self.compact_idle)
                 total = 0
@@ -961,10 +970,10 @@ class Operations(pyfuse3.Operations):
                 return gc.Report()
 
     async def compact_idle(self) -> None:
-        """Compact one cold pack while nothing is written; once none is
-        left, rest until the next write."""
+        """Compact one cold pack while the mount is quiet; once none is left,
+        rest until the next write."""
         async with self.gc_lock:
-            started = self.last_write
+            started = self.bytes_written
             try:
                 report = await self.compactor.run(
                     COMPACT_RATE,
@@ -975,7 +984,7 @@ class Operations(pyfuse3.Operations):
             except Exception:
                 log.exception("Compaction failed; it is retried later")
                 return
-            if not report.packs_removed and self.last_write == started:
+            if not report.packs_removed and self.bytes_written == started:
                 self.compaction_done = True
 
     async def commit_all(self) -> None:
