@@ -298,8 +298,8 @@ class Checker:
     # -- xattrs, symlinks and orphans belong to live inodes --------------------
 
     def check_inode_data(self, txn: lmdb.Transaction) -> None:
-        """Invariants: xattrs, symlink targets and orphan marks name live inodes;
-        every symlink has a target."""
+        """Invariants: xattrs, symlink targets, orphan and fragmented marks
+        name live inodes; every symlink has a target."""
         for name in ("xattrs", "symlinks", "orphans"):
             for key in list(txn.cursor(db=self.db[name]).iternext(values=False)):
                 inode = read_u64(key[:8])
@@ -307,6 +307,10 @@ class Checker:
                     if self.found(name, f"entry for missing inode {inode}"):
                         txn.delete(key, db=self.db[name])
         meta = self.db["meta"]
+        for inode in self.store.fragmented_inodes(txn):
+            if self.store.get_inode(txn, inode) is None:
+                if self.found("meta", f"fragmented mark for missing inode {inode}"):
+                    self.store.set_fragmented(txn, inode, False)
         top = max(
             (read_u64(k) for k in txn.cursor(db=self.db["inodes"]).iternext(values=False)),
             default=schema.ROOT_INODE,

@@ -156,6 +156,19 @@ def xattr_of_missing_inode(store: Store, txn) -> str:
     return "xattrs"
 
 
+def fragmented_mark_of_missing_inode(store: Store, txn) -> str:
+    store.set_fragmented(txn, 777_777, True)
+    return "meta"
+
+
+def stray_pack_file(store: Store, txn) -> str:
+    """What a gc or compaction pass cut short leaves: a pack nothing names."""
+    path = store.packs.path(9_999)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 4096)
+    return "packs"
+
+
 def next_inode_in_use(store: Store, txn) -> str:
     txn.put(b"next_inode", u64(2), db=store.dbs["meta"])
     return "meta"
@@ -181,6 +194,8 @@ REPAIRABLE: list[Callable[[Store, object], str]] = [
     wrong_dead_bytes,
     vanished_empty_pack,
     xattr_of_missing_inode,
+    fragmented_mark_of_missing_inode,
+    stray_pack_file,
     next_inode_in_use,
     wrong_counter,
 ]
