@@ -398,6 +398,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
     target = args.target.resolve()
     store_path = _find_mount(target)
     if store_path is not None:
+        try:
+            os.statvfs(target)
+        except OSError as exc:
+            raise UserError(
+                f"the mount at {target} does not answer ({exc.strerror}): its daemon is gone. "
+                f"Unmount it with `fusermount3 -u {target}`, then run `buildatfs gc` on the store.",
+                exit_code=1,
+            ) from None
         report = _gc_mounted(store_path, args.compact)
     else:
         report = dataclasses.asdict(_gc_offline(target, args.compact))
@@ -413,13 +421,13 @@ def _gc_mounted(store_path: Path, compact: bool) -> dict:
     and wait for its report."""
     from buildatfs import gc
 
-    if not _daemon_running(store_path):
+    pid = _daemon_pid(store_path)
+    if not _daemon_running(store_path) or not _is_mount_daemon(pid):
         raise UserError(
-            f"no daemon serves {store_path} any more (a dead mount?); "
-            "unmount it with `fusermount3 -u`, then run `buildatfs gc` on the store.",
+            f"no mount daemon serves {store_path} (the store is in use by another "
+            "command, or its mount is dead).",
             exit_code=1,
         )
-    pid = _daemon_pid(store_path)
     before = (gc.read_report(store_path) or {}).get("finished_ns", 0)
     try:
         os.kill(pid, signal.SIGUSR2 if compact else signal.SIGUSR1)
@@ -464,6 +472,15 @@ def _gc_offline(store_path: Path, compact_too: bool):
         return report
     finally:
         store.close()
+
+
+def _is_mount_daemon(pid: int) -> bool:
+    """True if process *pid* is a `buildatfs mount` daemon (not fsck or gc)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"buildatfs" in b" ".join(argv) and b"mount" in argv
 
 
 def _daemon_pid(store_path: Path) -> int:

@@ -112,21 +112,11 @@ class Committer:
             return await self._commit(inode, dirty, ranges, size, owned, split)
         finally:
             self._running.discard(ticket)
+            # Records this commit stored that no commit indexed (the inode
+            # went away, or the commit failed) are dead.
             orphaned = [self._unindexed.pop(cid) for cid in owned if cid in self._unindexed]
             if orphaned:
-                self._count_dead(orphaned)
-
-    def _count_dead(self, records: list[Stored]) -> None:
-        """Count records this commit stored but no commit indexed as dead
-        bytes of their packs (the inode went away, or the commit failed)."""
-        try:
-            with self.store.env.begin(write=True) as txn:
-                for stored in records:
-                    pack, offset = stored.place
-                    self.store.note_pack_end(txn, pack, offset + stored.record_len)
-                    self.store.add_dead(txn, pack, stored.record_len)
-        except lmdb.Error as exc:
-            log.warning("Cannot count %d unused chunk records as dead (%s)", len(records), exc)
+                self.store.disown([(s.place, s.record_len) for s in orphaned])
 
     async def settle(self) -> None:
         """Wait until every commit that started before this call has finished."""

@@ -156,31 +156,39 @@ async def collect_pack(
     moved: list[tuple[int, bytes, int, tuple[int, int]]] = []
     started = time.monotonic()
     read = copied = 0
-    for i in range(0, len(live), 64):
-        batch, new_records = await _read_batch(store, pack, live[i : i + 64], transform, threads)
-        places = await trio.to_thread.run_sync(store.packs.append_sync, new_records)
-        moved += [
-            (offset, cid, len(rec), place)
-            for (offset, cid, _, _), rec, place in zip(batch, new_records, places, strict=True)
-        ]
-        read += sum(length for _, _, length, _ in batch)
-        copied += sum(len(rec) for rec in new_records)
-        if rate:
-            await trio.sleep(max(0.0, read / rate - (time.monotonic() - started)))
-    await trio.to_thread.run_sync(store.packs.flush_sync)
-    faults.point("gc:copied")
+    indexed = False
+    try:
+        for i in range(0, len(live), 64):
+            batch, new_records = await _read_batch(
+                store, pack, live[i : i + 64], transform, threads
+            )
+            places = await trio.to_thread.run_sync(store.packs.append_sync, new_records)
+            moved += [
+                (offset, cid, len(rec), place)
+                for (offset, cid, _, _), rec, place in zip(batch, new_records, places, strict=True)
+            ]
+            read += sum(length for _, _, length, _ in batch)
+            copied += sum(len(rec) for rec in new_records)
+            if rate:
+                await trio.sleep(max(0.0, read / rate - (time.monotonic() - started)))
+        await trio.to_thread.run_sync(store.packs.flush_sync)
+        faults.point("gc:copied")
+        with store.env.begin(write=True) as txn:
+            for offset, chunk_id, length, (new_pack, new_offset) in moved:
+                store.note_pack_end(txn, new_pack, new_offset + length)
+                chunk = store.get_chunk(txn, chunk_id)
+                if chunk is not None and chunk.pack == pack and chunk.offset == offset:
+                    chunk.pack, chunk.offset, chunk.record_len = new_pack, new_offset, length
+                    txn.put(chunk_id, chunk.pack_value(), db=store.dbs["chunks"])
+                else:
+                    store.add_dead(txn, new_pack, length)
+            size, _ = store.pack_record(txn, pack)
+            txn.delete(u64(pack), db=store.dbs["packs"])
+        indexed = True
+    finally:
+        if not indexed and moved:  # cut short by an unmount or an error
+            store.disown([(place, length) for _, _, length, place in moved])
     report = Report(packs_removed=1, chunks_moved=len(moved), bytes_moved=copied)
-    with store.env.begin(write=True) as txn:
-        for offset, chunk_id, length, (new_pack, new_offset) in moved:
-            store.note_pack_end(txn, new_pack, new_offset + length)
-            chunk = store.get_chunk(txn, chunk_id)
-            if chunk is not None and chunk.pack == pack and chunk.offset == offset:
-                chunk.pack, chunk.offset, chunk.record_len = new_pack, new_offset, length
-                txn.put(chunk_id, chunk.pack_value(), db=store.dbs["chunks"])
-            else:
-                store.add_dead(txn, new_pack, length)
-        size, _ = store.pack_record(txn, pack)
-        txn.delete(u64(pack), db=store.dbs["packs"])
     await trio.to_thread.run_sync(store.sync_sync)
     faults.point("gc:index-updated")
     store.packs.delete_sync(pack)

@@ -11,6 +11,9 @@ pack bytes past the size the  cut off: no index entry names them (data is
 index recorded                written before references)
 pack files the index never    deleted
 named
+records no index entry names  counted as dead bytes of their pack (a commit
+between named ones            or pass cut short among other commits'
+                              records)
 ============================  =============================================
 
 Index changes are LMDB transactions, so the index itself is always one
@@ -45,9 +48,29 @@ def recover(store: Store) -> list[str]:
     if orphans:
         done.append(f"purged {len(orphans)} unlinked inode(s)")
     done += trim_packs(store)
+    done += recount_dead(store)
     store.sync_sync()
     for line in done:
         log.info("Recovery: %s.", line)
+    return done
+
+
+def recount_dead(store: Store) -> list[str]:
+    """Set each pack's dead bytes to its recorded size less the records of
+    live chunks; return what changed."""
+    done = []
+    with store.env.begin(write=True) as txn:
+        live: dict[int, int] = {}
+        for value in txn.cursor(db=store.dbs["chunks"]).iternext(keys=False):
+            chunk = schema.Chunk.unpack(value)
+            live[chunk.pack] = live.get(chunk.pack, 0) + chunk.record_len
+        for key, value in list(txn.cursor(db=store.dbs["packs"])):
+            pack = schema.read_u64(key)
+            size, dead = schema.read_pair(value)
+            want = size - live.get(pack, 0)
+            if want != dead and want >= 0:
+                txn.put(key, schema.pair(size, want), db=store.dbs["packs"])
+                done.append(f"counted {want} dead byte(s) in pack {pack} (was {dead})")
     return done
 
 
@@ -68,9 +91,13 @@ def trim_packs(store: Store, dry_run: bool = False) -> list[str]:
         if pack not in recorded:
             if not dry_run:
                 store.packs.delete_sync(pack)
-            done.append(f"deleted pack {pack}, which no index entry names")
+            done.append(f"pack {pack}, which no index entry names{'' if dry_run else ': deleted'}")
         elif size > recorded[pack]:
+            extra = size - recorded[pack]
+            done.append(
+                f"{extra} unreferenced byte(s) at the end of pack {pack}"
+                f"{'' if dry_run else ': cut off'}"
+            )
             if not dry_run:
                 store.packs.truncate_sync(pack, recorded[pack])
-            done.append(f"cut {size - recorded[pack]} unreferenced byte(s) off pack {pack}")
     return done

@@ -407,6 +407,22 @@ class Store:
         if end > size:
             txn.put(u64(pack), pair(end, dead), db=self.dbs["packs"])
 
+    def disown(self, records: list[tuple[tuple[int, int], int]]) -> None:
+        """Count records ((pack, offset), length) that were appended but that
+        no index entry will name as dead bytes of their packs, in a write
+        transaction of its own; logs instead of raising if the index fails.
+
+        A pass that is cut short leaves such records in the open pack, maybe
+        between records of commits, where no trimming of the pack reaches.
+        """
+        try:
+            with self.env.begin(write=True) as txn:
+                for (pack, offset), length in records:
+                    self.note_pack_end(txn, pack, offset + length)
+                    self.add_dead(txn, pack, length)
+        except lmdb.Error as exc:
+            log.warning("Cannot count %d unused records as dead (%s)", len(records), exc)
+
     def add_dead(self, txn: lmdb.Transaction, pack: int, nbytes: int) -> None:
         size, dead = self.pack_record(txn, pack)
         txn.put(u64(pack), pair(size, dead + nbytes), db=self.dbs["packs"])
