@@ -254,23 +254,10 @@ class Store:
         return [int(key[len(FRAGMENTED_PREFIX) :]) for key in keys]
 
     def _meta_keys(self, txn: lmdb.Transaction, prefix: bytes) -> Iterator[bytes]:
-        cur = txn.cursor(db=self.dbs["meta"])
-        if not cur.set_range(prefix):
-            return
-        for key in cur.iternext(values=False):
-            if not key.startswith(prefix):
-                return
-            yield key
+        return _keys_with_prefix(txn, self.dbs["meta"], prefix)
 
     def prefixed_keys(self, txn: lmdb.Transaction, db: str, inode: int) -> Iterator[bytes]:
-        prefix = u64(inode)
-        cur = txn.cursor(db=self.dbs[db])
-        if not cur.set_range(prefix):
-            return
-        for key in cur.iternext(values=False):
-            if not key.startswith(prefix):
-                return
-            yield key
+        return _keys_with_prefix(txn, self.dbs[db], u64(inode))
 
     def set_size(self, txn: lmdb.Transaction, inode: int, rec: Inode, size: int) -> None:
         """Set a regular file's size, dropping the data past it."""
@@ -436,6 +423,17 @@ class Store:
             s, d = read_pair(value)
             size, dead = size + s, dead + d
         return size, dead
+
+
+def _keys_with_prefix(txn: lmdb.Transaction, db: object, prefix: bytes) -> Iterator[bytes]:
+    """The keys of *db* that start with *prefix*, in order."""
+    cur = txn.cursor(db=db)
+    if not cur.set_range(prefix):
+        return
+    for key in cur.iternext(values=False):
+        if not key.startswith(prefix):
+            return
+        yield key
 
 
 def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
