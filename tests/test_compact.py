@@ -44,6 +44,12 @@ def copy_tree(source: Path, target: Path) -> None:
     subprocess.run(["cp", "-a", str(source), str(target)], check=True, timeout=600)
 
 
+def fill(mnt: Mount, tree: Path) -> None:
+    """Mount and copy *tree* in as ``tree``."""
+    mnt.mount()
+    copy_tree(tree, mnt.mountpoint / "tree")
+
+
 def assert_tree_intact(source: Path, copy: Path) -> None:
     for path in walk_files(source):
         assert sha256_file(copy / path.relative_to(source)) == sha256_file(path), path
@@ -75,8 +81,7 @@ def stored(mnt: Mount, target: Path) -> int:
 @pytest.mark.parametrize("where", ["mounted", "unmounted"])
 def test_compact_command_shrinks_store_and_keeps_data(mount_ctl: Mount, where: str) -> None:
     mount_ctl.fsck_args = ("--verify-data",)
-    mount_ctl.mount()
-    copy_tree(SMALL_TREE, mount_ctl.mountpoint / "tree")
+    fill(mount_ctl, SMALL_TREE)
     mount_ctl.remount()  # everything committed
     target = mount_ctl.mountpoint if where == "mounted" else mount_ctl.store
     if where == "unmounted":
@@ -105,8 +110,7 @@ def test_compact_command_shrinks_store_and_keeps_data(mount_ctl: Mount, where: s
 def test_compaction_runs_by_itself_when_quiet(mount_ctl: Mount) -> None:
     """A trickle of log lines (as from a container) does not hold it off."""
     mount_ctl.fsck_args = ("--verify-data",)
-    mount_ctl.mount()
-    copy_tree(BIG_TREE, mount_ctl.mountpoint / "tree")
+    fill(mount_ctl, BIG_TREE)
     subprocess.run(["sync", "-f", str(mount_ctl.mountpoint)], check=True)
     before = stored(mount_ctl, mount_ctl.mountpoint)
     started = time.monotonic()
@@ -132,8 +136,7 @@ def test_compaction_runs_by_itself_when_quiet(mount_ctl: Mount) -> None:
 def to_damage(mount_ctl: Mount) -> Mount:
     """The small tree copied in, the mount down; teardown expects damage."""
     mount_ctl.expect_damage()
-    mount_ctl.mount()
-    copy_tree(SMALL_TREE, mount_ctl.mountpoint / "tree")
+    fill(mount_ctl, SMALL_TREE)
     mount_ctl.umount()
     return mount_ctl
 
@@ -198,8 +201,7 @@ def start_cli(*args: object) -> subprocess.Popen[str]:
 
 @pytest.mark.slow
 def test_unmount_during_compaction_leaves_no_stray_pack(mount_ctl: Mount) -> None:
-    mount_ctl.mount()
-    copy_tree(BIG_TREE, mount_ctl.mountpoint / "tree")
+    fill(mount_ctl, BIG_TREE)
     mount_ctl.remount()
     compaction = start_cli("gc", "--compact", mount_ctl.mountpoint)
     # Commits during the pass put their records after its copies in the open
@@ -225,8 +227,7 @@ def test_unmount_during_compaction_leaves_no_stray_pack(mount_ctl: Mount) -> Non
 
 @pytest.mark.slow
 def test_killed_offline_compaction_is_repaired(mount_ctl: Mount) -> None:
-    mount_ctl.mount()
-    copy_tree(BIG_TREE, mount_ctl.mountpoint / "tree")
+    fill(mount_ctl, BIG_TREE)
     mount_ctl.umount()
     compaction = start_cli("gc", "--compact", mount_ctl.store)
     time.sleep(4)
@@ -242,8 +243,7 @@ def test_killed_offline_compaction_is_repaired(mount_ctl: Mount) -> None:
 
 @pytest.mark.slow
 def test_gc_on_a_dead_mount_says_so(mount_ctl: Mount) -> None:
-    mount_ctl.mount()
-    copy_tree(BIG_TREE, mount_ctl.mountpoint / "tree")
+    fill(mount_ctl, BIG_TREE)
     mount_ctl.kill_daemon()
     for args in (("gc",), ("gc", "--compact")):
         proc = run_cli(*args, mount_ctl.mountpoint)

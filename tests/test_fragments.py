@@ -43,6 +43,21 @@ def fragment_count(store_path: Path, name: str) -> tuple[int, int]:
         store.close()
 
 
+def wait_for_regroup(mnt: Mount) -> None:
+    wait_for(
+        lambda: "small overwrites had fragmented" in mnt.log_path.read_text(),
+        REGROUP_TIMEOUT,
+        "re-chunking of the fragmented file",
+    )
+
+
+def assert_regrouped(mnt: Mount, name: str) -> None:
+    """Unmount, then check that no extent of *name* names part of a chunk."""
+    mnt.umount()
+    partial, total = fragment_count(mnt.store, name)
+    assert partial == 0, f"{partial} of {total} extents still name part of a chunk"
+
+
 def overwrite(path: Path, model: bytearray, count: int, seed: int) -> None:
     """pwrite *count* 8 KiB pieces at random offsets (not page-aligned), fsync."""
     rng = random.Random(seed)
@@ -80,15 +95,9 @@ def test_small_overwrites_split_then_regroup(mounted: Path, mount_ctl: Mount) ->
     assert read_bytes(path) == model  # the split extents read back right, cold
 
     overwrite(path, model, 50, seed=23)
-    wait_for(
-        lambda: "small overwrites had fragmented" in mount_ctl.log_path.read_text(),
-        REGROUP_TIMEOUT,
-        "re-chunking of the fragmented file",
-    )
+    wait_for_regroup(mount_ctl)
     assert read_bytes(path) == model
-    mount_ctl.umount()
-    partial, total = fragment_count(mount_ctl.store, "db")
-    assert partial == 0, f"{partial} of {total} extents still name part of a chunk"
+    assert_regrouped(mount_ctl, "db")
     mount_ctl.mount()
     assert read_bytes(path) == model
 
@@ -106,11 +115,7 @@ def test_regroup_waits_for_new_writes(mounted: Path, mount_ctl: Mount) -> None:
         f.write(tail)
     model += tail
     assert read_bytes(path) == model
-    wait_for(
-        lambda: "small overwrites had fragmented" in mount_ctl.log_path.read_text(),
-        REGROUP_TIMEOUT,
-        "re-chunking of the fragmented file",
-    )
+    wait_for_regroup(mount_ctl)
     mount_ctl.remount()
     assert read_bytes(path) == model
 
@@ -125,13 +130,7 @@ def test_regroup_survives_a_restart(mounted: Path, mount_ctl: Mount) -> None:
     partial, _ = fragment_count(mount_ctl.store, "restart")
     assert partial > 0
     mount_ctl.mount()
-    wait_for(
-        lambda: "small overwrites had fragmented" in mount_ctl.log_path.read_text(),
-        REGROUP_TIMEOUT,
-        "re-chunking of the file after the remount",
-    )
-    mount_ctl.umount()
-    partial, total = fragment_count(mount_ctl.store, "restart")
-    assert partial == 0, f"{partial} of {total} extents still name part of a chunk"
+    wait_for_regroup(mount_ctl)
+    assert_regrouped(mount_ctl, "restart")
     mount_ctl.mount()
     assert read_bytes(path) == model
