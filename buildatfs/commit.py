@@ -224,16 +224,19 @@ class Committer:
                 self.store.set_fragmented(txn, inode, False)
 
     async def current_bytes(
-        self, inode: int, dirty: DirtyFile | None, start: int, end: int
+        self, inode: int, dirty: DirtyFile | None, start: int, end: int, prefix: bytes = b""
     ) -> bytearray:
-        """Return the file's bytes [start, end): committed data overlaid with staged data."""
-        buf = bytearray(end - start)
+        """Return *prefix* followed by the file's bytes [start, end): committed
+        data overlaid with staged data."""
+        buf = bytearray(len(prefix) + end - start)
+        buf[: len(prefix)] = prefix
+        view = memoryview(buf)[len(prefix) :]
         if dirty is None or not dirty.covers(start, end):
             with self.store.env.begin() as txn:
                 pieces = self.reader.plan(txn, inode, start, end)
-            await self.reader.fill(inode, start, buf, pieces)
+            await self.reader.fill(inode, start, view, pieces)
         if dirty is not None:
-            dirty.overlay(start, buf)
+            dirty.overlay(start, view)
         return buf
 
     async def _chunk_region(
@@ -259,7 +262,7 @@ class Committer:
                 while buf_start < end:
                     fresh_start = buf_start + len(carry)
                     fresh_end = min(fresh_start + WINDOW, end)
-                    buf = carry + await self.current_bytes(inode, dirty, fresh_start, fresh_end)
+                    buf = await self.current_bytes(inode, dirty, fresh_start, fresh_end, carry)
                     pieces = await self._offload(self.chunker.cut_sync, buf, size=len(buf))
                     if fresh_end < end and len(pieces) > 1:
                         last = pieces.pop()

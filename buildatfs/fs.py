@@ -39,7 +39,7 @@ from buildatfs.commit import Committer
 from buildatfs.errors import ChunkError
 from buildatfs.reader import READAHEAD_BYTES, Reader
 from buildatfs.schema import Inode, u64
-from buildatfs.staging import DirtyFile
+from buildatfs.staging import DirtyFile, MemoryBudget
 from buildatfs.store import Store, now_ns
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, int] = {}
         self.streams: dict[int, Stream] = {}  # file handle -> where it reads
         self.dirty: dict[int, DirtyFile] = {}
+        self.staging_memory = MemoryBudget()
         self.locks: dict[int, trio.Lock] = {}
         self.nursery: trio.Nursery | None = None
         self.changed_since_sync = False
@@ -800,7 +801,7 @@ class Operations(pyfuse3.Operations):
             with self.store.env.begin() as txn:
                 size = self._get(txn, inode).size
             path = self.store.staging / str(inode)
-            dirty = self.dirty[inode] = DirtyFile(path, size)
+            dirty = self.dirty[inode] = DirtyFile(path, size, self.staging_memory)
         try:
             dirty.write(off, buf)
         except OSError as exc:

@@ -106,7 +106,9 @@ class Reader:
             pieces.append(Piece(lo, hi - lo, ext.chunk_id, ext.chunk_offset + lo - offset, chunk))
         return pieces
 
-    async def fill(self, inode: int, start: int, buf: bytearray, pieces: list[Piece]) -> None:
+    async def fill(
+        self, inode: int, start: int, buf: bytearray | memoryview, pieces: list[Piece]
+    ) -> None:
         """Copy each piece's bytes into *buf* (which begins at file offset *start*).
 
         Raises ChunkCorrupt or ChunkMissing, after logging it once per chunk.
