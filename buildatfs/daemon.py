@@ -79,6 +79,8 @@ def serve(store_path: Path, mountpoint: Path, extra_options: list[str], ready: R
         for line in recovery.trim_packs(store):
             log.info("At unmount: %s.", line)
         store.set_clean(True)
+        served = ", ".join(f"{name} {n}" for name, n in ops.requests.most_common())
+        log.info("Requests served: %d (%s).", ops.requests.total(), served or "none")
         log.info("Unmounted %s cleanly.", mountpoint)
     finally:
         store.close()

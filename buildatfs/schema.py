@@ -135,7 +135,12 @@ class Inode:
     allocated: int = 0
 
     def pack(self) -> bytes:
-        return _INODE.pack(*dataclasses.astuple(self))
+        # (not dataclasses.astuple, which deep-copies: this runs on every
+        # metadata change)
+        return _INODE.pack(
+            self.mode, self.uid, self.gid, self.nlink, self.size, self.rdev,
+            self.atime_ns, self.mtime_ns, self.ctime_ns, self.generation, self.allocated,
+        )  # fmt: skip
 
     @classmethod
     def unpack(cls, raw: bytes) -> Inode:
