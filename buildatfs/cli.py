@@ -37,6 +37,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(self.usage_exit, f"buildatfs: {message} (see `{self.prog} --help`)\n")
 
 
+def _path(text: str) -> Path:
+    """A path argument; an empty one would silently mean the current directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names nothing")
+    return Path(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="buildatfs",
@@ -47,11 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("init", help="create a store")
-    s.add_argument("store", type=Path)
+    s.add_argument("store", type=_path)
 
     s = sub.add_parser("mount", help="mount a store")
-    s.add_argument("store", type=Path)
-    s.add_argument("mountpoint", type=Path)
+    s.add_argument("store", type=_path)
+    s.add_argument("mountpoint", type=_path)
     s.add_argument("--foreground", "-f", action="store_true", help="stay attached")
     s.add_argument(
         "-o",
@@ -61,10 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         help="extra FUSE mount options, comma separated",
     )
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    s.add_argument("--log", type=Path, help=argparse.SUPPRESS)
+    s.add_argument("--log", type=_path, help=argparse.SUPPRESS)
 
     s = sub.add_parser("umount", help="unmount, after everything is committed")
-    s.add_argument("mountpoint", type=Path)
+    s.add_argument("mountpoint", type=_path)
 
     s = sub.add_parser(
         "stats",
@@ -74,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "the store holds a Docker data-root, per image; these scan every extent "
         "(a few seconds per million): --totals skips them.",
     )
-    s.add_argument("target", type=Path, help="a store or a mount point")
+    s.add_argument("target", type=_path, help="a store or a mount point")
     fmt = s.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="everything as JSON")
     fmt.add_argument("--prometheus", action="store_true", help="Prometheus text exposition format")
@@ -91,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         "name every file that uses a damaged one. Exit 0: no damage; 1: damage "
         "found; 2: usage error.",
     )
-    s.add_argument("target", type=Path, help="a mount point or a store")
+    s.add_argument("target", type=_path, help="a mount point or a store")
     s.add_argument(
         "--rate",
         type=_byte_rate,
@@ -108,11 +115,11 @@ def _parser() -> argparse.ArgumentParser:
         "systems entered, hard links once), chunk, hash and compress it as a store "
         "would, and print the predicted sizes. Writes nothing.",
     )
-    s.add_argument("directory", type=Path)
+    s.add_argument("directory", type=_path)
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("gc", help="give back the space of deleted data now")
-    s.add_argument("target", type=Path, help="a store or a mount point")
+    s.add_argument("target", type=_path, help="a store or a mount point")
     s.add_argument(
         "--compact",
         action="store_true",
@@ -121,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fsck", help="check and repair a store that is not mounted")
     s.usage_exit = 16
-    s.add_argument("store", type=Path)
+    s.add_argument("store", type=_path)
     s.add_argument("--verify-data", action="store_true", help="also re-hash every chunk")
     s.add_argument("--no-repair", action="store_true", help="only report")
     return p

@@ -376,7 +376,9 @@ def main(path: Path, verify_data: bool, repair: bool) -> int:
         try:
             store.lock()
         except UserError as exc:
-            print(f"buildatfs: {exc} Unmount it first.", file=sys.stderr)
+            print(
+                f"buildatfs: {exc} Unmount it, or let that command finish, first.", file=sys.stderr
+            )
             return EXIT_OPERATIONAL
         problems = check(store, repair=repair, verify_data=verify_data)
     finally:

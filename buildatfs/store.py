@@ -93,6 +93,8 @@ class Store:
     def open(cls, path: Path, readonly: bool = False) -> Store:
         """Open the store at *path*; UserError if it is not one."""
         if not (path / "meta" / "data.mdb").is_file():
+            if not path.exists():
+                raise UserError(f"{path} does not exist.")
             raise UserError(f"{path} is not a buildatfs store (run `buildatfs init {path}`).")
         env = _open_env(path, readonly)
         try:

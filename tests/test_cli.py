@@ -73,7 +73,24 @@ def test_fsck_missing_store(tmp_path: Path) -> None:
 
 
 def test_stats_missing_store(tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("stats", tmp_path / "nope"))
+    proc = run_cli("stats", tmp_path / "nope")
+    assert_one_line_error(proc, code=2)
+    assert proc.stderr == f"buildatfs: {tmp_path / 'nope'} does not exist.\n"
+    proc = run_cli("stats", tmp_path)  # there, but no store: point at init
+    assert_one_line_error(proc, code=2)
+    assert f"run `buildatfs init {tmp_path}`" in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["gc"], ["stats"], ["scrub"], ["fsck"], ["init"]])
+def test_empty_path_is_usage_error(command: list[str], tmp_path: Path) -> None:
+    """An empty path would mean the current directory; it is refused instead."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "buildatfs", *command, ""],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert_one_line_error(proc, code=16 if command == ["fsck"] else 2)
+    assert "an empty path names nothing" in proc.stderr
+    assert not any(tmp_path.iterdir())  # (init made nothing in the current directory)
 
 
 @pytest.mark.fuse
