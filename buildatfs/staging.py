@@ -16,12 +16,17 @@ Staged data that was never committed is not promised to survive a crash
 from __future__ import annotations
 
 import bisect
+import errno
 import os
 import time
 from pathlib import Path
 from typing import Final
 
 MEMORY_LIMIT: Final = 64 * 1024 * 1024  # staged bytes held in memory, all files together
+# What keeping one piece costs besides its bytes (the bytes object's header,
+# its place in three lists, its offset and serial): charged to the budget so
+# that a stream of tiny writes cannot grow memory without bound.
+PIECE_OVERHEAD: Final = 160
 
 
 class Ranges:
@@ -80,8 +85,12 @@ class Ranges:
         return out
 
 
+def _cost(piece: bytes) -> int:
+    return len(piece) + PIECE_OVERHEAD
+
+
 class MemoryBudget:
-    """How many staged bytes all files together may hold in memory."""
+    """How much memory the staged pieces of all files together may take."""
 
     def __init__(self, limit: int = MEMORY_LIMIT) -> None:
         self.limit = limit
@@ -136,8 +145,9 @@ class DirtyFile:
         return self.ranges.total + self.committing.total
 
     @property
-    def memory_bytes(self) -> int:
-        return sum(len(piece) for piece in self._pieces)
+    def memory_cost(self) -> int:
+        """What this file's pieces in memory are charged to the budget."""
+        return sum(map(_cost, self._pieces))
 
     @property
     def clean(self) -> bool:
@@ -145,7 +155,7 @@ class DirtyFile:
 
     def write(self, offset: int, buf: bytes) -> None:
         end = offset + len(buf)
-        if self.budget.take(len(buf)):
+        if self.budget.take(len(buf) + PIECE_OVERHEAD):
             self._cut(offset, end)
             i = bisect.bisect_left(self._starts, offset)
             self._starts.insert(i, offset)
@@ -154,7 +164,7 @@ class DirtyFile:
         else:
             if self.fd is None:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.pwrite(self.fd, buf, offset)
+            _pwrite_all(self.fd, buf, offset)
             self.filed.add(offset, end)
             self._cut(offset, end)
         self._serial += 1
@@ -181,7 +191,7 @@ class DirtyFile:
                 kept.append((s, piece[: start - s], serials[i]))
             if e > end:
                 kept.append((end, piece[end - s :], serials[i]))
-        freed = sum(len(piece) for piece in pieces[lo:hi]) - sum(len(k[1]) for k in kept)
+        freed = sum(map(_cost, pieces[lo:hi])) - sum(_cost(k[1]) for k in kept)
         starts[lo:hi] = [k[0] for k in kept]
         pieces[lo:hi] = [k[1] for k in kept]
         serials[lo:hi] = [k[2] for k in kept]
@@ -207,7 +217,7 @@ class DirtyFile:
         keep = [i for i, s in enumerate(self._serials) if s >= serial]
         if len(keep) == len(self._serials):
             return
-        self.budget.give(self.memory_bytes - sum(len(self._pieces[i]) for i in keep))
+        self.budget.give(self.memory_cost - sum(_cost(self._pieces[i]) for i in keep))
         self._starts = [self._starts[i] for i in keep]
         self._pieces = [self._pieces[i] for i in keep]
         self._serials = [self._serials[i] for i in keep]
@@ -264,7 +274,7 @@ class DirtyFile:
         return self._starts[-1] + len(self._pieces[-1])
 
     def discard(self) -> None:
-        self.budget.give(self.memory_bytes)
+        self.budget.give(self.memory_cost)
         self._starts, self._pieces, self._serials = [], [], []
         if self.fd is None:
             return
@@ -274,3 +284,15 @@ class DirtyFile:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _pwrite_all(fd: int, buf: bytes, offset: int) -> None:
+    """Write all of *buf* at *offset*: a short write (a full disk, a file size
+    limit) is continued, so that its cause comes back as an OSError instead of
+    a hole that would read as zeros."""
+    view = memoryview(buf)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n

@@ -12,7 +12,10 @@ data than the budget so that both places are used.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import resource
+import signal
 from pathlib import Path
 
 import pytest
@@ -106,7 +109,7 @@ class StagingMachine(RuleBasedStateMachine):
 
     @invariant()
     def budget_counts_memory(self) -> None:
-        assert self.budget.used == self.dirty.memory_bytes
+        assert self.budget.used == self.dirty.memory_cost
 
     def teardown(self) -> None:
         self.dirty.discard()
@@ -122,6 +125,40 @@ TestStaging.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_tiny_writes_are_charged_their_overhead(tmp_path: Path) -> None:
+    """A stream of one-byte appends fills the budget with what the pieces
+    cost in memory, not only with their bytes, then goes to the file."""
+    budget = MemoryBudget(64 * 1024)
+    dirty = DirtyFile(tmp_path / "9", 0, budget)
+    for i in range(10_000):
+        dirty.write(i, b"%c" % (i % 256))
+    assert budget.used <= budget.limit
+    assert budget.used == dirty.memory_cost
+    assert 0 < dirty.filed.total < 10_000  # the rest went to the staging file
+    buf = bytearray(10_000)
+    dirty.overlay(0, buf)
+    assert buf == bytes(i % 256 for i in range(10_000))
+    dirty.discard()
+    assert budget.used == 0
+
+
+def test_short_staging_writes_are_finished(tmp_path: Path) -> None:
+    """A staging-file write that the kernel cuts short (here by the file size
+    limit) ends in an error, never in bytes silently left out."""
+    dirty = DirtyFile(tmp_path / "10", 0, MemoryBudget(0))
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (MiB + 100, old[1]))
+    try:
+        with pytest.raises(OSError) as err:
+            dirty.write(MiB, b"y" * 1000)  # 100 bytes fit, 900 do not
+        assert err.value.errno == errno.EFBIG
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+    dirty.discard()
 
 
 def test_unused_staging_file_is_never_created(tmp_path: Path) -> None:
