@@ -297,6 +297,21 @@ def cmd_umount(args: argparse.Namespace) -> int:
         )
         raise UserError(f"cannot unmount {mountpoint}: {reason}", exit_code=1)
     _wait_for_daemon(store)
+    if dead:  # (the daemon was gone already: recovery at the next mount)
+        return 0
+    from buildatfs.store import Store
+
+    opened = Store.open(store, readonly=True)
+    try:
+        clean = opened.is_clean()
+    finally:
+        opened.close()
+    if not clean:
+        raise UserError(
+            f"{mountpoint} is unmounted, but its daemon did not finish cleanly: written data "
+            f"may be lost (see {store / 'buildatfs.log'}; `buildatfs fsck {store}` repairs).",
+            exit_code=1,
+        )
     return 0
 
 

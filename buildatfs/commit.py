@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 WINDOW: Final = 8 * 1024 * 1024
 INLINE_LIMIT: Final = 256 * 1024  # bytes below which chunking or compressing stays inline
 PARALLEL_SHARE: Final = 1024 * 1024  # compress in parallel only shares at least this big
+LARGE_AT_ONCE: Final = 2  # regions of more than a window chunked at the same time, at most
 
 T = TypeVar("T")
 _RETRIES: Final = 5
@@ -73,6 +74,9 @@ class Committer:
         self.reader = reader
         self.limiter = limiter
         self.chunker = Chunker(store.params)
+        # Large regions hold windows of WINDOW bytes and their compressed
+        # records; two at a time keep both cores busy, more only cost memory.
+        self.large = trio.CapacityLimiter(LARGE_AT_ONCE)
         self._next_ticket = 0
         self._running: set[int] = set()
         # Chunks that a running commit is storing or has stored but not yet
@@ -139,7 +143,11 @@ class Committer:
                     return False
                 plan = self._plan(txn, inode, ranges, size, split)
             for start, end in plan.regions:
-                await self._chunk_region(inode, dirty, start, end, plan, owned)
+                if end - start > WINDOW:
+                    async with self.large:
+                        await self._chunk_region(inode, dirty, start, end, plan, owned)
+                else:
+                    await self._chunk_region(inode, dirty, start, end, plan, owned)
             faults.point("commit:chunks-written")
             indexed: set[bytes] = set()
             try:

@@ -73,6 +73,19 @@ def serve(store_path: Path, mountpoint: Path, extra_options: list[str], ready: R
             pyfuse3.close(unmount=True)
             raise
         pyfuse3.close(unmount=False)
+        lost = {inode: d.staged_bytes for inode, d in ops.dirty.items() if d.staged_bytes}
+        if lost:
+            # (a full disk, say): the bytes were never fsync'ed, but close(2)
+            # and the unmount were answered, so say it loudly, and leave the
+            # store marked unclean so that `buildatfs umount` fails.
+            log.error(
+                "Unmounting with %d bytes of %d file(s) that could not be committed (inodes %s); "
+                "they are lost.",
+                sum(lost.values()),
+                len(lost),
+                ", ".join(map(str, sorted(lost))),
+            )
+            return
         ops.purge_unreferenced()
         # Garbage collection or compaction cut short by the unmount leaves
         # copies the index does not name; nothing appends any more.

@@ -85,7 +85,7 @@ def handler(fn: F) -> F:
         except ChunkError:
             raise FUSEError(errno.EIO) from None
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise FUSEError(exc.errno) from None
             log.exception("%s failed; answering EIO", fn.__name__)
             raise FUSEError(errno.EIO) from None

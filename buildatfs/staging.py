@@ -265,8 +265,8 @@ class DirtyFile:
         self.filed.clip(size)
         self._cut(size, max(size, self._memory_end()))
         self.size = size
-        if self.fd is not None:
-            os.ftruncate(self.fd, size)
+        if self.fd is not None and size < os.fstat(self.fd).st_size:
+            os.ftruncate(self.fd, size)  # (growing it would only add a hole)
 
     def _memory_end(self) -> int:
         if not self._starts:

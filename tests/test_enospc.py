@@ -25,6 +25,7 @@ from fuse_helpers import (
     run_cli,
     write_bytes,
 )
+from test_staging import hand_to_daemon
 
 pytestmark = pytest.mark.fuse
 
@@ -201,3 +202,34 @@ def test_index_never_map_full(mounted: Path, mount_ctl: Mount) -> None:
             assert read_bytes(path) == b"%d %d" % (d, i)
             assert os.getxattr(path, "user.attr-7") == value
     assert "map full" not in mount_ctl.log_path.read_text().lower()
+
+
+def test_unmount_that_cannot_commit_says_so(small_mount: Mount, small_disk: Path) -> None:
+    """Data closed without fsync, then the disk filled by someone else: the
+    commits fail, and the unmount must not pass that off as a clean one."""
+    mnt = small_mount
+    mnt.mount()
+    data = random_bytes(8 * MiB, seed=5)
+    fd = os.open(mnt.mountpoint / "unsynced", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        hand_to_daemon(fd)  # staged in the daemon, nothing committed
+        filler = small_disk / "filler"
+        with open(filler, "wb") as out, contextlib.suppress(OSError):
+            while True:  # (another program takes the disk's last byte)
+                out.write(b"\0" * MiB)
+                out.flush()
+    finally:
+        os.close(fd)  # the commit this starts fails: no room for the pack
+    mnt.expect_log(r"ERROR .*Committing inode \d+ failed")
+    mnt.expect_log(r"ERROR .*could not be committed")
+    mnt.expect_log(r"^Traceback")  # (of the failed commits, logged in full)
+    proc = run_cli("umount", mnt.mountpoint)
+    assert proc.returncode == 1, describe(proc)
+    assert "did not finish cleanly: written data may be lost" in proc.stderr, describe(proc)
+    mnt.pid = None
+    filler.unlink()
+    proc = mnt.fsck()  # recovery of the unclean store, then nothing left to repair
+    assert proc.returncode in (0, 1), describe(proc)
+    mnt.mount()
+    assert os.stat(mnt.mountpoint / "unsynced").st_size in (0, len(data))
