@@ -287,6 +287,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         os.stat(mountpoint)
     except OSError as exc:
         dead = exc.errno == errno.ENOTCONN
+    served = _lock_held(store)  # a daemon still serves the mount (it may be dead)
     cmd = ["fusermount3", "-u", *(["-z"] if dead else []), str(mountpoint)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
@@ -297,7 +298,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         )
         raise UserError(f"cannot unmount {mountpoint}: {reason}", exit_code=1)
     _wait_for_daemon(store)
-    if dead:  # (the daemon was gone already: recovery at the next mount)
+    if not served:  # (the daemon was gone already: recovery at the next mount)
         return 0
     from buildatfs.store import Store
 
@@ -313,6 +314,21 @@ def cmd_umount(args: argparse.Namespace) -> int:
             exit_code=1,
         )
     return 0
+
+
+def _lock_held(store: Path) -> bool:
+    """True if a process holds the store's lock (its daemon, while it lives)."""
+    try:
+        fd = os.open(store / "lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (also drops a lock we got)
+    return False
 
 
 def _wait_for_daemon(store: Path) -> None:
