@@ -287,7 +287,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         os.stat(mountpoint)
     except OSError as exc:
         dead = exc.errno == errno.ENOTCONN
-    served = _lock_held(store)  # a daemon still serves the mount (it may be dead)
+    served = _daemon_running(store)  # (a daemon may hold it and still be dead)
     cmd = ["fusermount3", "-u", *(["-z"] if dead else []), str(mountpoint)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
@@ -314,21 +314,6 @@ def cmd_umount(args: argparse.Namespace) -> int:
             exit_code=1,
         )
     return 0
-
-
-def _lock_held(store: Path) -> bool:
-    """True if a process holds the store's lock (its daemon, while it lives)."""
-    try:
-        fd = os.open(store / "lock", os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # (also drops a lock we got)
-    return False
 
 
 def _wait_for_daemon(store: Path) -> None:
