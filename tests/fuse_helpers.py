@@ -8,6 +8,7 @@ test blocks inside a FUSE request.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -163,6 +164,17 @@ def write_bytes(path: Path | bytes, data: bytes, *, fsync: bool = False) -> None
         if fsync:
             f.flush()
             os.fsync(f.fileno())
+
+
+def hand_to_daemon(fd: int) -> None:
+    """Make the kernel send *fd*'s dirty pages to the daemon as writes (no
+    fsync, so nothing is committed) and drop them from its cache, so that
+    reads of them reach the daemon."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    wait_write_wait = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
+    if libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), wait_write_wait):
+        raise OSError(ctypes.get_errno(), "sync_file_range")
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def random_bytes(size: int, seed: int) -> bytes:

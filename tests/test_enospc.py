@@ -19,13 +19,13 @@ from fuse_helpers import (
     Mount,
     describe,
     finish_mount,
+    hand_to_daemon,
     pid_alive,
     random_bytes,
     read_bytes,
     run_cli,
     write_bytes,
 )
-from test_staging import hand_to_daemon
 
 pytestmark = pytest.mark.fuse
 

@@ -11,7 +11,6 @@ data than the budget so that both places are used.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import resource
@@ -19,7 +18,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from fuse_helpers import Mount, random_bytes, read_bytes
+from fuse_helpers import Mount, hand_to_daemon, random_bytes, read_bytes
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -29,17 +28,6 @@ from buildatfs.staging import DirtyFile, MemoryBudget, Ranges
 
 MiB = 1 << 20
 SPAN = 4096  # offsets and sizes stay small, so that writes overlap often
-
-
-def hand_to_daemon(fd: int) -> None:
-    """Make the kernel send *fd*'s dirty pages to the daemon as writes (no
-    fsync, so nothing is committed) and drop them from its cache, so that
-    reads of them reach the daemon."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    wait_write_wait = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
-    if libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), wait_write_wait):
-        raise OSError(ctypes.get_errno(), "sync_file_range")
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 class StagingMachine(RuleBasedStateMachine):
