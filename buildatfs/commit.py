@@ -18,6 +18,7 @@ chunks' unused parts become garbage.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -143,10 +144,8 @@ class Committer:
                     return False
                 plan = self._plan(txn, inode, ranges, size, split)
             for start, end in plan.regions:
-                if end - start > WINDOW:
-                    async with self.large:
-                        await self._chunk_region(inode, dirty, start, end, plan, owned)
-                else:
+                gate = self.large if end - start > WINDOW else contextlib.nullcontext()
+                async with gate:
                     await self._chunk_region(inode, dirty, start, end, plan, owned)
             faults.point("commit:chunks-written")
             indexed: set[bytes] = set()

@@ -125,14 +125,14 @@ class DirtyFile:
     brought it, so `end_commit` frees exactly the pieces its commit saw.
     """
 
-    def __init__(self, path: Path, size: int, budget: MemoryBudget | None = None) -> None:
+    def __init__(self, path: Path, size: int, budget: MemoryBudget) -> None:
         self.path = path
         self.fd: int | None = None
         self.ranges = Ranges()
         self.committing = Ranges()
         self.size = size
         self.last_write = time.monotonic()
-        self.budget = budget if budget is not None else MemoryBudget(0)
+        self.budget = budget
         self.filed = Ranges()  # what the staging file holds (may be older than memory)
         self._starts: list[int] = []  # pieces in memory, sorted by offset
         self._pieces: list[bytes] = []
@@ -214,13 +214,19 @@ class DirtyFile:
         self.committing = Ranges()
 
     def _forget_older_than(self, serial: int) -> None:
-        keep = [i for i, s in enumerate(self._serials) if s >= serial]
-        if len(keep) == len(self._serials):
-            return
-        self.budget.give(self.memory_cost - sum(_cost(self._pieces[i]) for i in keep))
-        self._starts = [self._starts[i] for i in keep]
-        self._pieces = [self._pieces[i] for i in keep]
-        self._serials = [self._serials[i] for i in keep]
+        starts: list[int] = []
+        pieces: list[bytes] = []
+        serials: list[int] = []
+        freed = 0
+        for start, piece, n in zip(self._starts, self._pieces, self._serials, strict=True):
+            if n >= serial:
+                starts.append(start)
+                pieces.append(piece)
+                serials.append(n)
+            else:
+                freed += _cost(piece)
+        self._starts, self._pieces, self._serials = starts, pieces, serials
+        self.budget.give(freed)
 
     def staged_parts(self, start: int, end: int) -> list[tuple[int, int]]:
         """Return the staged parts of [start, end), sorted and merged."""
